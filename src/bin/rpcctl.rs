@@ -1,0 +1,264 @@
+use clap::{Parser, Subcommand};
+use rpcd::client::{Caller, Strategy};
+use rpcd::config::{Config, DEFAULT_PATH};
+use rpcd::control::{Client, ClientError};
+use rpcd::discovery::Servers;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::exit;
+use std::time::Duration;
+
+/// rpcctl: control rpcd through its control socket, and call RPC servers found in ZooKeeper.
+#[derive(Parser)]
+#[command(name = "rpcctl", version, about)]
+struct Args {
+    /// Control socket of the daemon (default: control.socket from --config).
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Daemon configuration file, to find the control socket.
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show the daemon's state and workers (exit 3 when it is not running).
+    Status {
+        /// Print the status as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the daemon gracefully; returns once it has exited and prints the reaped worker PIDs.
+    Stop {
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 300, value_name = "SECS")]
+        timeout: u64,
+    },
+    /// Reload the configuration; returns once the reload is complete (exit 1 if it was refused).
+    Reload {
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 300, value_name = "SECS")]
+        timeout: u64,
+    },
+    /// Call METHOD on a server found in ZooKeeper (--zk) or at a fixed address (--addr).
+    Call {
+        /// Method name, e.g. ping or pi.
+        method: String,
+        /// Parameters as JSON (default null).
+        params: Option<String>,
+        /// ZooKeeper connect string to discover servers.
+        #[arg(long, value_name = "HOSTS", conflicts_with = "addr", required_unless_present = "addr")]
+        zk: Option<String>,
+        /// ZooKeeper path where servers register.
+        #[arg(long, default_value = "/demo", value_name = "PATH")]
+        root: String,
+        /// Call this server directly (HOST:PORT).
+        #[arg(long, value_name = "HOST:PORT")]
+        addr: Option<String>,
+        /// Number of calls.
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        count: u64,
+        /// Seconds between calls.
+        #[arg(long, default_value_t = 0.0, value_name = "SECS")]
+        interval: f64,
+        /// How a server is chosen for each call.
+        #[arg(long, value_enum, default_value_t = Strategy::Random)]
+        strategy: Strategy,
+        /// Per-call time limit in seconds (retries included).
+        #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+        timeout: f64,
+    },
+    /// List the servers that discovery sees in ZooKeeper.
+    Servers {
+        /// ZooKeeper connect string.
+        #[arg(long, value_name = "HOSTS")]
+        zk: String,
+        /// ZooKeeper path where servers register.
+        #[arg(long, default_value = "/demo", value_name = "PATH")]
+        root: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn socket_path(args: &Args) -> PathBuf {
+    if let Some(s) = &args.socket {
+        return s.clone();
+    }
+    let path = args.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
+    match Config::load(&path) {
+        Ok(c) => c.control.socket,
+        Err(e) => {
+            if args.config.is_some() {
+                eprintln!("rpcctl: {e}");
+                exit(1);
+            }
+            rpcd::config::ControlConfig::default().socket
+        }
+    }
+}
+
+fn die(e: ClientError) -> ! {
+    eprintln!("rpcctl: {e}");
+    exit(match e {
+        ClientError::NotRunning(_) => 3,
+        ClientError::Other(_) => 1,
+    })
+}
+
+fn fmt_secs(s: f64) -> String {
+    let s = s as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}min {}s", s / 60, s % 60),
+        _ => format!("{}h {}min", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn print_status(v: &Value) {
+    println!("rpcd (pid {}) - {} since {} ago", v["pid"], v["state"].as_str().unwrap_or("?"), fmt_secs(v["uptime_secs"].as_f64().unwrap_or(0.0)));
+    println!("     Config: {}", v["config"].as_str().unwrap_or("?"));
+    println!("     Listen: {}", v["listen"].as_str().unwrap_or("?"));
+    println!(" Generation: {}", v["generation"]);
+    let zk = &v["zookeeper"];
+    match zk["node"].as_str() {
+        Some(n) => println!("  ZooKeeper: {} ({n})", zk["state"].as_str().unwrap_or("?")),
+        None => println!("  ZooKeeper: {}", zk["state"].as_str().unwrap_or("?")),
+    }
+    let workers = v["workers"].as_array().cloned().unwrap_or_default();
+    println!("    Workers: {}", workers.len());
+    println!("      {:>8}  {:<9} {:>4} {:>10} {:>12} {:>6} {:>8}", "PID", "STATE", "GEN", "UPTIME", "REQUESTS", "CONNS", "RESTARTS");
+    for w in &workers {
+        println!(
+            "      {:>8}  {:<9} {:>4} {:>10} {:>12} {:>6} {:>8}",
+            w["pid"].to_string(),
+            w["state"].as_str().unwrap_or("?"),
+            w["generation"].to_string(),
+            fmt_secs(w["uptime_secs"].as_f64().unwrap_or(0.0)),
+            w["requests"].to_string(),
+            w["connections"].to_string(),
+            w["restarts"].to_string()
+        );
+    }
+    for b in v["backoff"].as_array().cloned().unwrap_or_default() {
+        println!("      slot {} crash-looping: {} restarts, next start in {:.1}s", b["slot"], b["restarts"], b["respawn_in_secs"].as_f64().unwrap_or(0.0));
+    }
+}
+
+fn control(args: &Args, cmd: &str, timeout: Duration) -> (Client, Value) {
+    let path = socket_path(args);
+    let mut c = Client::connect(&path).unwrap_or_else(|e| die(e));
+    let v = c.call(cmd, timeout).unwrap_or_else(|e| die(e));
+    if v["ok"] != Value::Bool(true) {
+        eprintln!("rpcctl: {cmd} failed: {}", v["error"].as_str().unwrap_or("unknown error"));
+        exit(1);
+    }
+    (c, v)
+}
+
+fn main() {
+    let args = Args::parse();
+    log::set_max_level(log::LevelFilter::Warn);
+    rpcd::logging::init(
+        &rpcd::config::LogConfig { target: rpcd::config::LogTarget::Stderr, level: rpcd::config::LogLevel::Warn, ..Default::default() },
+        "rpcctl: ",
+    );
+    match &args.cmd {
+        Cmd::Status { json } => {
+            let (_, v) = control(&args, "status", Duration::from_secs(10));
+            if *json {
+                println!("{v}");
+            } else {
+                print_status(&v);
+            }
+        }
+        Cmd::Stop { timeout } => {
+            let (mut c, v) = control(&args, "stop", Duration::from_secs(*timeout));
+            if !c.wait_closed(Duration::from_secs(10)) {
+                eprintln!("rpcctl: the daemon replied but has not exited within 10s");
+                exit(1);
+            }
+            let pid = v["pid"].as_i64().unwrap_or(0) as i32;
+            // The control connection closes as the master exits; wait for the process to be gone.
+            for _ in 0..100 {
+                match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                    Ok(s) if !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z') => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => break,
+                }
+            }
+            let reaped = v["reaped"].as_array().cloned().unwrap_or_default();
+            let pids: Vec<String> = reaped.iter().map(|r| r["pid"].to_string()).collect();
+            println!("stopped rpcd (pid {pid}); reaped {} worker(s): {}", reaped.len(), pids.join(" "));
+            for r in &reaped {
+                println!("  {} {}", r["pid"], r["status"].as_str().unwrap_or(""));
+            }
+        }
+        Cmd::Reload { timeout } => {
+            let (_, v) = control(&args, "reload", Duration::from_secs(*timeout));
+            let list = |k: &str| v[k].as_array().map(|a| a.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" ")).unwrap_or_default();
+            println!("reloaded: generation {}; new workers: {}; retired: {}", v["generation"], list("new_pids"), list("old_pids"));
+            for w in v["warnings"].as_array().cloned().unwrap_or_default() {
+                println!("warning: {}", w.as_str().unwrap_or(""));
+            }
+        }
+        Cmd::Call { method, params, zk, root, addr, count, interval, strategy, timeout } => {
+            let params: Value = match params {
+                None => Value::Null,
+                Some(p) => serde_json::from_str(p).unwrap_or_else(|e| {
+                    eprintln!("rpcctl: PARAMS is not JSON: {e}");
+                    exit(2)
+                }),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let failed = rt.block_on(async {
+                let servers = match (zk, addr) {
+                    (Some(z), _) => Servers::watch(z, root),
+                    (None, Some(a)) => Servers::fixed(a),
+                    _ => unreachable!(),
+                };
+                let mut caller = Caller::new(servers, *strategy);
+                caller.timeout = Duration::from_secs_f64(timeout.max(0.001));
+                let mut failed = 0u64;
+                for i in 0..*count {
+                    if i > 0 && *interval > 0.0 {
+                        tokio::time::sleep(Duration::from_secs_f64(*interval)).await;
+                    }
+                    match caller.call(method, &params).await {
+                        Ok(a) => println!("{} {} {}", a.server, a.response.out, a.response.result),
+                        Err(e) => {
+                            failed += 1;
+                            println!("FAILED {e}");
+                            eprintln!("rpcctl: call {} failed: {e}", i + 1);
+                        }
+                    }
+                }
+                failed
+            });
+            if failed > 0 {
+                eprintln!("rpcctl: {failed} of {count} call(s) failed");
+                exit(1);
+            }
+        }
+        Cmd::Servers { zk, root, json } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let list = rt.block_on(async { Servers::watch(zk, root).first(Duration::from_secs(15)).await });
+            match list {
+                Ok(list) if *json => println!("{}", serde_json::to_string(&list).unwrap_or_default()),
+                Ok(list) => {
+                    for s in list {
+                        println!("{} {} {}", s.node, s.addr(), s.data);
+                    }
+                }
+                Err(e) => {
+                    eprintln!("rpcctl: {e} ({zk})");
+                    exit(1);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! `/etc/rpcd.toml`: parsing, defaults and validation.
+//!
+//! Every key has a default. Unknown keys and wrong types are errors that name
+//! the key and the line (`rpcd --check-config` prints them).
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_PATH: &str = "/etc/rpcd.toml";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub zookeeper: ZkConfig,
+    pub control: ControlConfig,
+    pub log: LogConfig,
+    pub methods: MethodsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// host:port to bind.
+    pub listen: String,
+    /// host:port written to ZooKeeper (default: derived from `listen`).
+    pub advertise: Option<String>,
+    pub workers: Workers,
+    pub max_frame_bytes: u32,
+    pub graceful_timeout_secs: u64,
+    /// listen(2) backlog.
+    pub backlog: u32,
+    /// Open connections per worker; further ones get `overloaded`.
+    pub max_connections: u32,
+    /// A connection that sends nothing for this long is closed (0 = never).
+    pub idle_timeout_secs: u64,
+    /// A reply that the client does not read within this long closes the connection.
+    pub write_timeout_secs: u64,
+    /// How often workers report to the master.
+    pub heartbeat_interval_ms: u64,
+    /// A worker silent for this long is killed and replaced.
+    pub heartbeat_timeout_secs: u64,
+    /// New workers must report that they accept within this long (start and reload).
+    pub ready_timeout_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8001".into(),
+            advertise: None,
+            workers: Workers::Count(4),
+            max_frame_bytes: 1_048_576,
+            graceful_timeout_secs: 10,
+            backlog: 1024,
+            max_connections: 10_000,
+            idle_timeout_secs: 300,
+            write_timeout_secs: 30,
+            heartbeat_interval_ms: 1000,
+            heartbeat_timeout_secs: 10,
+            ready_timeout_secs: 30,
+        }
+    }
+}
+
+/// `workers = 4` or `workers = "auto"` (one per CPU).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Workers {
+    Auto,
+    Count(u32),
+}
+
+impl Workers {
+    pub fn resolve(self) -> usize {
+        match self {
+            Workers::Count(n) => n as usize,
+            Workers::Auto => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        }
+    }
+}
+
+impl Serialize for Workers {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Workers::Auto => s.serialize_str("auto"),
+            Workers::Count(n) => s.serialize_u32(*n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Workers;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an integer >= 1 or \"auto\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Workers, E> {
+                if (1..=1024).contains(&v) {
+                    Ok(Workers::Count(v as u32))
+                } else {
+                    Err(E::custom(format!("workers must be between 1 and 1024, got {v}")))
+                }
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Workers, E> {
+                self.visit_i64(v.min(i64::MAX as u64) as i64)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Workers, E> {
+                if v == "auto" {
+                    Ok(Workers::Auto)
+                } else {
+                    Err(E::custom(format!("expected an integer >= 1 or \"auto\", got \"{v}\"")))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZkConfig {
+    pub enabled: bool,
+    pub hosts: String,
+    pub root: String,
+    pub node_prefix: String,
+    pub session_timeout_ms: u64,
+    /// After deleting our node on stop, wait this long before draining so
+    /// that watchers can react.
+    pub deregister_delay_ms: u64,
+    /// Cap of the reconnect backoff.
+    pub max_retry_delay_ms: u64,
+    /// Weight written into the node data.
+    pub weight: u32,
+}
+
+impl Default for ZkConfig {
+    fn default() -> Self {
+        ZkConfig {
+            enabled: true,
+            hosts: "127.0.0.1:2181".into(),
+            root: "/demo".into(),
+            node_prefix: "rpc".into(),
+            session_timeout_ms: 10_000,
+            deregister_delay_ms: 1000,
+            max_retry_delay_ms: 5000,
+            weight: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+    /// Octal file mode of the socket, e.g. "0660".
+    pub mode: String,
+    /// Group owning the socket (name or number); default: the daemon's group.
+    pub group: Option<String>,
+    pub allow_uids: Vec<u32>,
+    pub allow_gids: Vec<u32>,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            socket: PathBuf::from("/run/rpcd/control.sock"),
+            mode: "0660".into(),
+            group: None,
+            allow_uids: vec![],
+            allow_gids: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogTarget {
+    Auto,
+    Syslog,
+    Stderr,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub target: LogTarget,
+    pub level: LogLevel,
+    /// Unix datagram socket of the syslog daemon.
+    pub syslog_socket: PathBuf,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { target: LogTarget::Auto, level: LogLevel::Info, syslog_socket: PathBuf::from("/dev/log") }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MethodsConfig {
+    pub pi: PiConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PiConfig {
+    pub max_terms: u64,
+}
+
+impl Default for PiConfig {
+    fn default() -> Self {
+        PiConfig { max_terms: 10_000_000 }
+    }
+}
+
+/// A configuration error, formatted as `PATH:LINE:COL: key `a.b`: message`.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for ConfigError {}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, col)
+}
+
+/// Byte offset of `key = ` for a dotted path such as `server.workers`.
+fn find_key(text: &str, path: &str) -> Option<usize> {
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let key = parts.pop()?;
+    let table = parts.join(".");
+    let mut in_table = table.is_empty();
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        if t.starts_with('[') {
+            let name = t.trim_start_matches('[').split(']').next().unwrap_or("").trim();
+            in_table = name == table;
+        } else if in_table {
+            if let Some((k, _)) = t.split_once('=') {
+                if k.trim().trim_matches('"') == key {
+                    return Some(offset + line.find(k.trim()).unwrap_or(0));
+                }
+            }
+        }
+        offset += line.len();
+    }
+    None
+}
+
+impl Config {
+    /// Parses TOML text; `origin` names the file in error messages.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let offset = inner.span().map(|s| s.start).or_else(|| find_key(text, &path));
+            let mut msg = inner.message().trim().to_string();
+            if let Some(rest) = msg.strip_prefix("unknown field") {
+                msg = format!("unknown key{rest}");
+            }
+            let key = if path.is_empty() || path == "." { String::new() } else { format!("key `{path}`: ") };
+            match offset {
+                Some(o) => {
+                    let (l, c) = line_col(text, o);
+                    ConfigError(format!("{origin}:{l}:{c}: {key}{msg}"))
+                }
+                None => ConfigError(format!("{origin}: {key}{msg}")),
+            }
+        })?;
+        cfg.validate(text, origin)?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError(format!("{origin}: cannot read: {e}")))?;
+        Config::parse(&text, &origin)
+    }
+
+    fn validate(&self, text: &str, origin: &str) -> Result<(), ConfigError> {
+        let err = |key: &str, msg: String| {
+            let at = match find_key(text, key) {
+                Some(o) => {
+                    let (l, c) = line_col(text, o);
+                    format!("{origin}:{l}:{c}")
+                }
+                None => origin.to_string(),
+            };
+            ConfigError(format!("{at}: key `{key}`: {msg}"))
+        };
+        let s = &self.server;
+        resolve_addr(&s.listen).map_err(|m| err("server.listen", m))?;
+        if let Some(a) = &s.advertise {
+            let addr = resolve_addr(a).map_err(|m| err("server.advertise", m))?;
+            if addr.ip().is_unspecified() {
+                return Err(err("server.advertise", format!("\"{a}\" is not an address clients can reach")));
+            }
+        }
+        if s.max_frame_bytes < 64 {
+            return Err(err("server.max_frame_bytes", "must be at least 64".into()));
+        }
+        if s.backlog == 0 {
+            return Err(err("server.backlog", "must be at least 1".into()));
+        }
+        if s.max_connections == 0 {
+            return Err(err("server.max_connections", "must be at least 1".into()));
+        }
+        if s.heartbeat_interval_ms == 0 {
+            return Err(err("server.heartbeat_interval_ms", "must be at least 1".into()));
+        }
+        if s.heartbeat_timeout_secs * 1000 <= s.heartbeat_interval_ms {
+            return Err(err("server.heartbeat_timeout_secs", "must be longer than heartbeat_interval_ms".into()));
+        }
+        if s.ready_timeout_secs == 0 {
+            return Err(err("server.ready_timeout_secs", "must be at least 1".into()));
+        }
+        let z = &self.zookeeper;
+        if z.enabled && z.hosts.trim().is_empty() {
+            return Err(err("zookeeper.hosts", "must not be empty".into()));
+        }
+        if !z.root.starts_with('/') || (z.root.len() > 1 && z.root.ends_with('/')) {
+            return Err(err("zookeeper.root", format!("\"{}\" must be an absolute ZooKeeper path", z.root)));
+        }
+        if z.node_prefix.is_empty() || z.node_prefix.contains('/') {
+            return Err(err("zookeeper.node_prefix", "must be a non-empty name without '/'".into()));
+        }
+        if z.session_timeout_ms < 1000 {
+            return Err(err("zookeeper.session_timeout_ms", "must be at least 1000".into()));
+        }
+        parse_mode(&self.control.mode).map_err(|m| err("control.mode", m))?;
+        if !self.control.socket.is_absolute() {
+            return Err(err("control.socket", "must be an absolute path".into()));
+        }
+        if let Some(g) = &self.control.group {
+            resolve_group(g).map_err(|m| err("control.group", m))?;
+        }
+        if self.methods.pi.max_terms > (1u64 << 50) {
+            return Err(err("methods.pi.max_terms", "must be at most 2^50".into()));
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        resolve_addr(&self.server.listen).expect("validated")
+    }
+
+    /// Seconds a graceful stop may take, whole.
+    pub fn graceful_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.server.graceful_timeout_secs)
+    }
+}
+
+/// Resolves `host:port` (`[v6]:port` allowed) to one socket address.
+pub fn resolve_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    match s.to_socket_addrs() {
+        Ok(mut it) => it.next().ok_or_else(|| format!("\"{s}\" resolves to no address")),
+        Err(e) => Err(format!("\"{s}\" is not a host:port address ({e})")),
+    }
+}
+
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|_| format!("\"{s}\" is not an octal file mode"))?;
+    if m > 0o777 {
+        return Err(format!("\"{s}\" is not a file mode (at most 0777)"));
+    }
+    Ok(m)
+}
+
+pub fn resolve_group(g: &str) -> Result<u32, String> {
+    if let Ok(n) = g.parse::<u32>() {
+        return Ok(n);
+    }
+    match nix::unistd::Group::from_name(g) {
+        Ok(Some(gr)) => Ok(gr.gid.as_raw()),
+        Ok(None) => Err(format!("no group named \"{g}\"")),
+        Err(e) => Err(format!("cannot look up group \"{g}\": {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_spec() {
+        let c = Config::parse("", "t").unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8001");
+        assert_eq!(c.server.workers, Workers::Count(4));
+        assert_eq!(c.server.max_frame_bytes, 1048576);
+        assert_eq!(c.zookeeper.root, "/demo");
+        assert_eq!(c.zookeeper.node_prefix, "rpc");
+        assert_eq!(c.control.mode, "0660");
+        assert_eq!(c.methods.pi.max_terms, 10_000_000);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = Config::parse("[server]\nlisten = \"127.0.0.1:1\"\nwokers = 3\n", "f.toml").unwrap_err().0;
+        assert!(e.starts_with("f.toml:3:"), "{e}");
+        assert!(e.contains("wokers"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let e = Config::parse("[server]\n\nmax_frame_bytes = \"big\"\n", "f.toml").unwrap_err().0;
+        assert!(e.starts_with("f.toml:3:"), "{e}");
+        assert!(e.contains("server.max_frame_bytes"), "{e}");
+    }
+
+    #[test]
+    fn workers_auto_and_bounds() {
+        assert_eq!(Config::parse("[server]\nworkers = \"auto\"\n", "t").unwrap().server.workers, Workers::Auto);
+        let e = Config::parse("[server]\nworkers = 0\n", "t").unwrap_err().0;
+        assert!(e.contains("server.workers") && e.starts_with("t:2:"), "{e}");
+        assert!(Config::parse("[server]\nworkers = \"many\"\n", "t").is_err());
+    }
+
+    #[test]
+    fn semantic_errors_name_key_and_line() {
+        let e = Config::parse("[control]\nmode = \"0999\"\n", "t").unwrap_err().0;
+        assert!(e.starts_with("t:2:") && e.contains("control.mode"), "{e}");
+        let e = Config::parse("[server]\nlisten = \"nonsense\"\n", "t").unwrap_err().0;
+        assert!(e.starts_with("t:2:") && e.contains("server.listen"), "{e}");
+        let e = Config::parse("[server]\nadvertise = \"0.0.0.0:1\"\n", "t").unwrap_err().0;
+        assert!(e.contains("server.advertise"), "{e}");
+    }
+
+    #[test]
+    fn roundtrips_through_json() {
+        let c = Config::parse("[server]\nworkers = \"auto\"\n", "t").unwrap();
+        let j = serde_json::to_string(&c).unwrap();
+        let back: Config = serde_json::from_str(&j).unwrap();
+        assert_eq!(c, back);
+    }
+}

@@ -1,0 +1,799 @@
+//! The master process: one loop, like gunicorn's Arbiter and nginx's
+//! master cycle. Signal handlers only record the signal (tokio's self-pipe);
+//! reaping, respawning, reloads, stops, the control socket and ZooKeeper
+//! are all driven from [`Master::run`]. The kill-and-reap steps themselves
+//! live in [`crate::pool`].
+
+use crate::config::Config;
+use crate::control::{self, Acl, Command as Ctl, Reply};
+use crate::notify;
+use crate::pool::{Pool, Reaped, WState, Worker};
+use crate::registry::{self, ZkState};
+use serde_json::{json, Value};
+use socket2::{Domain, Socket, Type};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::AsyncBufReadExt;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot, watch};
+
+const TICK: Duration = Duration::from_millis(100);
+/// A worker that lived shorter than this counts as crashing.
+const MIN_HEALTHY_LIFE: Duration = Duration::from_secs(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+type Responder = oneshot::Sender<Reply>;
+
+enum WorkerMsg {
+    Ready,
+    Heartbeat { requests: u64, connections: u64 },
+}
+
+struct Slot {
+    restarts: u32,
+    failures: u32,
+    respawn_at: Option<Instant>,
+}
+
+/// One generation of workers: a config, a listener and its slots.
+struct Gen {
+    id: u64,
+    cfg: Config,
+    addr: SocketAddr,
+    /// None once the daemon stops accepting.
+    listener: Option<Rc<TcpListener>>,
+    slots: Vec<Slot>,
+}
+
+impl Gen {
+    fn new(id: u64, cfg: Config, addr: SocketAddr, listener: Rc<TcpListener>) -> Gen {
+        let n = cfg.server.workers.resolve();
+        let now = Instant::now();
+        let slots = (0..n).map(|_| Slot { restarts: 0, failures: 0, respawn_at: Some(now) }).collect();
+        Gen { id, cfg, addr, listener: Some(listener), slots }
+    }
+}
+
+struct ReloadOp {
+    next: Option<Gen>,
+    deadline: Instant,
+    responders: Vec<Responder>,
+    warnings: Vec<String>,
+    old_pids: Vec<i32>,
+    reaped: Vec<Reaped>,
+    new_generation: u64,
+}
+
+struct StopOp {
+    responders: Vec<Responder>,
+    /// Waiting for ZooKeeper deregistration until then; None once draining.
+    deregister_until: Option<Instant>,
+    reaped: Vec<Reaped>,
+}
+
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Phase {
+    Starting,
+    Serving,
+    Stopping,
+}
+
+pub struct Master {
+    config_path: PathBuf,
+    cur: Gen,
+    next_gen_id: u64,
+    pool: Pool,
+    phase: Phase,
+    reload: Option<ReloadOp>,
+    queued_reload: Option<Vec<Responder>>,
+    stop: Option<StopOp>,
+    started: Instant,
+    started_unix: u64,
+    events: mpsc::UnboundedSender<(i32, WorkerMsg)>,
+    acl: watch::Sender<Acl>,
+    zk: Option<registry::Handle>,
+    zk_status: registry::Status,
+    watchdog: Option<(Duration, Instant)>,
+    last_status: String,
+    exit_code: Option<i32>,
+}
+
+/// Binds the TCP listener: SO_REUSEADDR, a real backlog.
+pub fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        let _ = s.set_only_v6(true);
+    }
+    s.bind(&addr.into())?;
+    s.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(s.into())
+}
+
+/// Runs the daemon until it stops. Returns the exit code.
+pub fn run(config_path: PathBuf, cfg: Config) -> i32 {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            log::error!("cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(async move {
+        match Master::start(config_path, cfg).await {
+            Ok((m, rx, ctl_rx, zk_rx)) => m.run(rx, ctl_rx, zk_rx).await,
+            Err(e) => {
+                log::error!("{e}");
+                eprintln!("rpcd: {e}");
+                1
+            }
+        }
+    })
+}
+
+type Started = (
+    Master,
+    mpsc::UnboundedReceiver<(i32, WorkerMsg)>,
+    mpsc::UnboundedReceiver<control::Request>,
+    mpsc::UnboundedReceiver<registry::Status>,
+);
+
+impl Master {
+    async fn start(config_path: PathBuf, cfg: Config) -> Result<Started, String> {
+        let ctl_listener = control::bind(&cfg.control)?;
+        let addr = cfg.listen_addr();
+        let listener = bind_listener(addr, cfg.server.backlog).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let addr = listener.local_addr().unwrap_or(addr);
+        if cfg.zookeeper.enabled {
+            registry::advertised(&cfg, addr)?;
+        }
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let (zk_tx, zk_rx) = mpsc::unbounded_channel();
+        let (acl_tx, acl_rx) = watch::channel(Acl::from_config(&cfg.control));
+        tokio::spawn(control::serve(ctl_listener, ctl_tx, acl_rx));
+        let zk = cfg.zookeeper.enabled.then(|| registry::Handle::start(&cfg.zookeeper, zk_tx));
+        let zk_state = if zk.is_some() { ZkState::Connecting } else { ZkState::Disabled };
+        let watchdog = notify::watchdog_interval().map(|d| (d / 2, Instant::now()));
+        log::info!(
+            "rpcd {} starting: pid {}, listening on {addr}, {} worker(s), config {}",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id(),
+            cfg.server.workers.resolve(),
+            config_path.display()
+        );
+        let m = Master {
+            config_path,
+            cur: Gen::new(1, cfg, addr, Rc::new(listener)),
+            next_gen_id: 2,
+            pool: Pool::default(),
+            phase: Phase::Starting,
+            reload: None,
+            queued_reload: None,
+            stop: None,
+            started: Instant::now(),
+            started_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            events: ev_tx,
+            acl: acl_tx,
+            zk,
+            zk_status: registry::Status { state: zk_state, node: None },
+            watchdog,
+            last_status: String::new(),
+            exit_code: None,
+        };
+        Ok((m, ev_rx, ctl_rx, zk_rx))
+    }
+
+    async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<(i32, WorkerMsg)>,
+        mut ctl: mpsc::UnboundedReceiver<control::Request>,
+        mut zk: mpsc::UnboundedReceiver<registry::Status>,
+    ) -> i32 {
+        let (mut sigchld, mut sigterm, mut sigint, mut sighup) = match (
+            signal(SignalKind::child()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(a), Ok(b), Ok(c), Ok(d)) => (a, b, c, d),
+            _ => {
+                log::error!("cannot install signal handlers");
+                return 1;
+            }
+        };
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.advance();
+        while self.exit_code.is_none() {
+            tokio::select! {
+                _ = sigchld.recv() => self.on_reap(),
+                _ = sigterm.recv() => { log::info!("SIGTERM: graceful stop"); self.begin_stop(None) }
+                _ = sigint.recv() => { log::info!("SIGINT: graceful stop"); self.begin_stop(None) }
+                _ = sighup.recv() => { log::info!("SIGHUP: reload"); self.request_reload(None) }
+                Some((pid, msg)) = events.recv() => self.on_worker_msg(pid, msg),
+                Some(req) = ctl.recv() => self.on_control(req),
+                Some(st) = zk.recv() => self.on_zk(st),
+                _ = tick.tick() => self.on_tick(),
+            }
+            self.advance();
+        }
+        self.finish_stop().await
+    }
+
+    // ---- events ----
+
+    fn on_reap(&mut self) {
+        for (r, w) in self.pool.reap() {
+            let Some(w) = w else {
+                log::debug!("reaped untracked child {}: {}", r.pid, r.status);
+                continue;
+            };
+            if let Some(stop) = &mut self.stop {
+                log::info!("worker {} {}", r.pid, r.status);
+                stop.reaped.push(r);
+                continue;
+            }
+            if w.state == WState::Draining {
+                log::info!("retired worker {} {}", r.pid, r.status);
+                if let Some(op) = &mut self.reload {
+                    if op.old_pids.contains(&r.pid) {
+                        op.reaped.push(r);
+                    }
+                }
+                continue;
+            }
+            // An unexpected exit: respawn in its slot, with backoff.
+            let gen = if w.generation == self.cur.id {
+                Some(&mut self.cur)
+            } else {
+                self.reload.as_mut().and_then(|op| op.next.as_mut()).filter(|g| g.id == w.generation)
+            };
+            let Some(gen) = gen else {
+                log::warn!("worker {} of old generation {} {}", r.pid, w.generation, r.status);
+                continue;
+            };
+            let slot = &mut gen.slots[w.slot];
+            slot.restarts += 1;
+            if w.spawned.elapsed() < MIN_HEALTHY_LIFE {
+                slot.failures += 1;
+            } else {
+                slot.failures = 1;
+            }
+            let delay = if slot.failures <= 1 {
+                Duration::ZERO
+            } else {
+                (Duration::from_millis(100) * 2u32.saturating_pow((slot.failures - 2).min(16))).min(MAX_BACKOFF)
+            };
+            slot.respawn_at = Some(Instant::now() + delay);
+            log::warn!(
+                "worker {} (slot {}) {} after {:.1}s; respawning in {:.1}s (restart {})",
+                r.pid,
+                w.slot,
+                r.status,
+                w.spawned.elapsed().as_secs_f64(),
+                delay.as_secs_f64(),
+                slot.restarts
+            );
+        }
+    }
+
+    fn on_worker_msg(&mut self, pid: i32, msg: WorkerMsg) {
+        let Some(w) = self.pool.workers.get_mut(&pid) else { return };
+        w.last_seen = Instant::now();
+        match msg {
+            WorkerMsg::Ready => {
+                if w.state == WState::Starting {
+                    w.state = WState::Serving;
+                    log::info!("worker {pid} (generation {}, slot {}) is accepting", w.generation, w.slot);
+                }
+            }
+            WorkerMsg::Heartbeat { requests, connections } => {
+                w.requests = requests;
+                w.connections = connections;
+            }
+        }
+    }
+
+    fn on_control(&mut self, req: control::Request) {
+        match req.cmd {
+            Ctl::Status => {
+                let v = self.status_json();
+                let _ = req.reply.send(Reply { value: v, written: None });
+            }
+            Ctl::Stop => {
+                log::info!("stop requested on the control socket");
+                self.begin_stop(Some(req.reply));
+            }
+            Ctl::Reload => {
+                log::info!("reload requested on the control socket");
+                self.request_reload(Some(req.reply));
+            }
+        }
+    }
+
+    fn on_zk(&mut self, st: registry::Status) {
+        if st.state != self.zk_status.state || st.node != self.zk_status.node {
+            log::info!("zookeeper: {:?} {}", st.state, st.node.as_deref().unwrap_or(""));
+        }
+        self.zk_status = st;
+    }
+
+    fn on_tick(&mut self) {
+        self.on_reap(); // belt and braces: a lost SIGCHLD must not leave a zombie
+        let now = Instant::now();
+        self.pool.enforce_deadlines(now);
+        let hb_timeout = Duration::from_secs(self.cur.cfg.server.heartbeat_timeout_secs);
+        let ready_timeout = Duration::from_secs(self.cur.cfg.server.ready_timeout_secs);
+        let mut kill = Vec::new();
+        for w in self.pool.workers.values() {
+            match w.state {
+                WState::Serving if now.duration_since(w.last_seen) > hb_timeout => {
+                    kill.push((w.pid, format!("no heartbeat for {:.1}s", now.duration_since(w.last_seen).as_secs_f64())))
+                }
+                WState::Starting if now.duration_since(w.spawned) > ready_timeout => {
+                    kill.push((w.pid, format!("not accepting within {}s", ready_timeout.as_secs())))
+                }
+                _ => {}
+            }
+        }
+        for (pid, why) in kill {
+            self.pool.kill_now(pid, &why);
+        }
+        if let Some((every, next)) = self.watchdog {
+            if now >= next {
+                if self.healthy() {
+                    notify::watchdog();
+                }
+                self.watchdog = Some((every, now + every));
+            }
+        }
+    }
+
+    // ---- state machine ----
+
+    fn healthy(&self) -> bool {
+        self.phase == Phase::Stopping || self.gen_ready(&self.cur)
+    }
+
+    fn live_worker(&self, gen: u64, slot: usize) -> Option<&Worker> {
+        self.pool.workers.values().find(|w| w.generation == gen && w.slot == slot && w.state != WState::Draining)
+    }
+
+    fn gen_ready(&self, gen: &Gen) -> bool {
+        (0..gen.slots.len()).all(|i| self.live_worker(gen.id, i).is_some_and(|w| w.state == WState::Serving))
+    }
+
+    fn spawn_due(&mut self, which_next: bool) {
+        let now = Instant::now();
+        let gen = if which_next {
+            match self.reload.as_ref().and_then(|op| op.next.as_ref()) {
+                Some(g) => g,
+                None => return,
+            }
+        } else {
+            &self.cur
+        };
+        let due: Vec<usize> = (0..gen.slots.len())
+            .filter(|&i| gen.slots[i].respawn_at.is_some_and(|t| t <= now) && self.live_worker(gen.id, i).is_none())
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let Some(listener) = gen.listener.clone() else { return };
+        let (cfg, id) = (gen.cfg.clone(), gen.id);
+        for i in due {
+            match self.pool.spawn(&cfg, &listener, id, i) {
+                Ok((pid, chan)) => {
+                    log::info!("started worker {pid} (generation {id}, slot {i})");
+                    self.watch_channel(pid, chan);
+                    let gen = if which_next { self.reload.as_mut().and_then(|op| op.next.as_mut()).unwrap() } else { &mut self.cur };
+                    gen.slots[i].respawn_at = None;
+                }
+                Err(e) => {
+                    log::error!("cannot start a worker: {e}; retrying in 1s");
+                    let gen = if which_next { self.reload.as_mut().and_then(|op| op.next.as_mut()).unwrap() } else { &mut self.cur };
+                    gen.slots[i].respawn_at = Some(now + Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    fn watch_channel(&self, pid: i32, chan: std::os::unix::net::UnixStream) {
+        let tx = self.events.clone();
+        if chan.set_nonblocking(true).is_err() {
+            return;
+        }
+        let Ok(chan) = tokio::net::UnixStream::from_std(chan) else { return };
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(chan).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut it = line.split_ascii_whitespace();
+                let msg = match it.next() {
+                    Some("ready") => WorkerMsg::Ready,
+                    Some("hb") => {
+                        let requests = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                        let connections = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                        WorkerMsg::Heartbeat { requests, connections }
+                    }
+                    _ => continue,
+                };
+                if tx.send((pid, msg)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Moves every state machine forward; called after each event.
+    fn advance(&mut self) {
+        if self.phase != Phase::Stopping {
+            self.spawn_due(false);
+            self.spawn_due(true);
+        }
+        if self.phase == Phase::Starting && self.gen_ready(&self.cur) {
+            self.phase = Phase::Serving;
+            let n = self.cur.slots.len();
+            log::info!("ready: {n} worker(s) accepting on {} after {:.0} ms", self.cur.addr, self.started.elapsed().as_secs_f64() * 1000.0);
+            notify::ready(&self.status_line());
+            if let Some(zk) = &self.zk {
+                zk.publish(self.zk_payload());
+            }
+        }
+        self.advance_reload();
+        self.advance_stop();
+        let line = self.status_line();
+        if line != self.last_status {
+            notify::status(&line);
+            self.last_status = line;
+        }
+    }
+
+    fn status_line(&self) -> String {
+        let phase = match self.phase {
+            Phase::Starting => "starting",
+            Phase::Serving if self.reload.is_some() => "reloading",
+            Phase::Serving => "serving",
+            Phase::Stopping => "stopping",
+        };
+        let serving = self.pool.workers.values().filter(|w| w.state == WState::Serving).count();
+        let zk = match self.zk_status.state {
+            ZkState::Disabled => "disabled",
+            ZkState::Connecting => "connecting",
+            ZkState::Registered => "registered",
+            ZkState::Deregistered => "deregistered",
+        };
+        format!("{phase}: generation {}, {serving}/{} workers serving on {}, zookeeper {zk}", self.cur.id, self.cur.slots.len(), self.cur.addr)
+    }
+
+    fn zk_payload(&self) -> Value {
+        let (host, port) = registry::advertised(&self.cur.cfg, self.cur.addr)
+            .unwrap_or_else(|_| (self.cur.addr.ip().to_string(), self.cur.addr.port()));
+        json!({
+            "host": host,
+            "port": port,
+            "pid": std::process::id(),
+            "workers": self.cur.slots.len(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "started": self.started_unix,
+            "state": "serving",
+            "weight": self.cur.cfg.zookeeper.weight,
+        })
+    }
+
+    fn status_json(&self) -> Value {
+        let now = Instant::now();
+        let workers: Vec<Value> = self
+            .pool
+            .workers
+            .values()
+            .map(|w| {
+                let restarts = if w.generation == self.cur.id {
+                    self.cur.slots.get(w.slot).map(|s| s.restarts).unwrap_or(0)
+                } else {
+                    self.reload
+                        .as_ref()
+                        .and_then(|op| op.next.as_ref())
+                        .filter(|g| g.id == w.generation)
+                        .and_then(|g| g.slots.get(w.slot))
+                        .map(|s| s.restarts)
+                        .unwrap_or(0)
+                };
+                json!({
+                    "pid": w.pid,
+                    "state": w.state,
+                    "generation": w.generation,
+                    "slot": w.slot,
+                    "uptime_secs": round3(now.duration_since(w.spawned)),
+                    "requests": w.requests,
+                    "connections": w.connections,
+                    "restarts": restarts,
+                })
+            })
+            .collect();
+        let backoff: Vec<Value> = self
+            .cur
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let at = s.respawn_at?;
+                Some(json!({"slot": i, "restarts": s.restarts, "respawn_in_secs": round3(at.saturating_duration_since(now))}))
+            })
+            .collect();
+        let state = match self.phase {
+            Phase::Starting => "starting",
+            Phase::Serving if self.reload.is_some() => "reloading",
+            Phase::Serving => "serving",
+            Phase::Stopping => "stopping",
+        };
+        json!({
+            "ok": true,
+            "pid": std::process::id(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "state": state,
+            "uptime_secs": round3(self.started.elapsed()),
+            "config": self.config_path,
+            "generation": self.cur.id,
+            "listen": self.cur.addr.to_string(),
+            "zookeeper": {"state": self.zk_status.state, "node": self.zk_status.node},
+            "workers": workers,
+            "backoff": backoff,
+        })
+    }
+
+    // ---- reload ----
+
+    fn request_reload(&mut self, responder: Option<Responder>) {
+        if self.phase == Phase::Stopping {
+            if let Some(r) = responder {
+                let _ = r.send(Reply { value: json!({"ok": false, "error": "rpcd is stopping"}), written: None });
+            }
+            return;
+        }
+        if self.reload.is_some() {
+            // Coalesce: one more reload after this one serves every request queued meanwhile.
+            let q = self.queued_reload.get_or_insert_with(Vec::new);
+            q.extend(responder);
+            return;
+        }
+        self.start_reload(responder.into_iter().collect());
+    }
+
+    fn start_reload(&mut self, responders: Vec<Responder>) {
+        let fail = |responders: Vec<Responder>, msg: String| {
+            log::error!("reload failed: {msg}; still serving the running configuration");
+            for r in responders {
+                let _ = r.send(Reply { value: json!({"ok": false, "error": msg}), written: None });
+            }
+        };
+        let cfg = match Config::load(&self.config_path) {
+            Ok(c) => c,
+            Err(e) => return fail(responders, e.to_string()),
+        };
+        let mut warnings = Vec::new();
+        let old = &self.cur.cfg;
+        if cfg.control.socket != old.control.socket {
+            warnings.push(format!(
+                "control.socket cannot change at runtime: still {} (restart rpcd to move it)",
+                old.control.socket.display()
+            ));
+        }
+        if cfg.log.target != old.log.target || cfg.log.syslog_socket != old.log.syslog_socket {
+            warnings.push("log.target and log.syslog_socket cannot change at runtime (restart rpcd to apply)".into());
+        }
+        if cfg.zookeeper.enabled != old.zookeeper.enabled {
+            warnings.push("zookeeper.enabled cannot change at runtime (restart rpcd to apply)".into());
+        }
+        let addr = cfg.listen_addr();
+        let same = addr == self.cur.addr || cfg.server.listen == old.server.listen;
+        let listener = if let (true, Some(l)) = (same, self.cur.listener.clone()) {
+            l
+        } else {
+            match bind_listener(addr, cfg.server.backlog) {
+                Ok(l) => Rc::new(l),
+                Err(e) => return fail(responders, format!("cannot listen on {addr}: {e}")),
+            }
+        };
+        let addr = listener.local_addr().unwrap_or(addr);
+        if cfg.zookeeper.enabled {
+            if let Err(e) = registry::advertised(&cfg, addr) {
+                return fail(responders, e);
+            }
+        }
+        for w in &warnings {
+            log::warn!("reload: {w}");
+        }
+        notify::reloading();
+        log::set_max_level(cfg.log.level.filter());
+        let id = self.next_gen_id;
+        self.next_gen_id += 1;
+        log::info!("reload: starting generation {id} ({} worker(s) on {addr})", cfg.server.workers.resolve());
+        let deadline = Instant::now() + Duration::from_secs(cfg.server.ready_timeout_secs);
+        self.reload = Some(ReloadOp {
+            next: Some(Gen::new(id, cfg, addr, listener)),
+            deadline,
+            responders,
+            warnings,
+            old_pids: Vec::new(),
+            reaped: Vec::new(),
+            new_generation: id,
+        });
+    }
+
+    fn advance_reload(&mut self) {
+        let Some(op) = &self.reload else { return };
+        if let Some(next) = &op.next {
+            if self.gen_ready(next) {
+                // Commit: the new generation serves; retire the old one.
+                let op = self.reload.as_mut().unwrap();
+                let next = op.next.take().unwrap();
+                let old = std::mem::replace(&mut self.cur, next);
+                let new_id = self.cur.id;
+                op.old_pids = self.pool.retire(old.cfg.graceful_timeout(), |w| w.generation != new_id);
+                let _ = self.acl.send(Acl::from_config(&self.cur.cfg.control));
+                if let Err(e) = control::apply_mode(&old.cfg.control.clone_with(&self.cur.cfg.control)) {
+                    op.warnings.push(e);
+                }
+                if let Some(zk) = &self.zk {
+                    zk.reconfigure(&self.cur.cfg.zookeeper, self.zk_payload_for(&self.cur));
+                }
+                log::info!("reload: generation {new_id} is accepting; retiring {:?}", self.reload.as_ref().unwrap().old_pids);
+            } else if Instant::now() > op.deadline {
+                let op = self.reload.take().unwrap();
+                let next = op.next.unwrap();
+                let pids: Vec<i32> = self.pool.workers.values().filter(|w| w.generation == next.id).map(|w| w.pid).collect();
+                for pid in &pids {
+                    self.pool.kill_now(*pid, "aborted reload");
+                }
+                let msg = format!(
+                    "reload aborted: generation {} was not accepting within {}s; still serving generation {}",
+                    next.id, next.cfg.server.ready_timeout_secs, self.cur.id
+                );
+                log::error!("{msg}");
+                for r in op.responders {
+                    let _ = r.send(Reply { value: json!({"ok": false, "error": msg}), written: None });
+                }
+                notify::ready(&self.status_line());
+                self.start_queued_reload();
+            }
+            return;
+        }
+        if self.pool.alive(&op.old_pids) {
+            return;
+        }
+        let op = self.reload.take().unwrap();
+        let new_pids: Vec<i32> = self.pool.workers.values().filter(|w| w.generation == self.cur.id).map(|w| w.pid).collect();
+        log::info!("reload complete: generation {}, workers {new_pids:?}, retired {:?}", self.cur.id, op.old_pids);
+        let v = json!({
+            "ok": true,
+            "generation": op.new_generation,
+            "old_pids": op.old_pids,
+            "new_pids": new_pids,
+            "reaped": op.reaped,
+            "warnings": op.warnings,
+        });
+        for r in op.responders {
+            let _ = r.send(Reply { value: v.clone(), written: None });
+        }
+        notify::ready(&self.status_line());
+        self.start_queued_reload();
+    }
+
+    fn start_queued_reload(&mut self) {
+        if let Some(q) = self.queued_reload.take() {
+            self.start_reload(q);
+        }
+    }
+
+    fn zk_payload_for(&self, _g: &Gen) -> Value {
+        self.zk_payload()
+    }
+
+    // ---- stop ----
+
+    fn begin_stop(&mut self, responder: Option<Responder>) {
+        if let Some(stop) = &mut self.stop {
+            stop.responders.extend(responder);
+            if stop.deregister_until.is_none() && stop.responders.is_empty() {
+                // A second signal while draining: stop waiting.
+                log::warn!("second stop signal: killing the remaining workers now");
+                let pids: Vec<i32> = self.pool.workers.keys().copied().collect();
+                for pid in pids {
+                    self.pool.kill_now(pid, "fast stop");
+                }
+            }
+            return;
+        }
+        self.phase = Phase::Stopping;
+        notify::stopping();
+        log::info!("stopping: deregister, stop accepting, drain for up to {}s, reap", self.cur.cfg.server.graceful_timeout_secs);
+        if let Some(op) = self.reload.take() {
+            for r in op.responders {
+                let _ = r.send(Reply { value: json!({"ok": false, "error": "rpcd is stopping"}), written: None });
+            }
+        }
+        for r in self.queued_reload.take().unwrap_or_default() {
+            let _ = r.send(Reply { value: json!({"ok": false, "error": "rpcd is stopping"}), written: None });
+        }
+        let deregister_until = match &self.zk {
+            Some(zk) => {
+                zk.deregister();
+                let z = &self.cur.cfg.zookeeper;
+                Some(Instant::now() + Duration::from_millis(z.deregister_delay_ms + z.session_timeout_ms.min(5000)))
+            }
+            None => None,
+        };
+        self.stop = Some(StopOp { responders: responder.into_iter().collect(), deregister_until, reaped: Vec::new() });
+        if deregister_until.is_none() {
+            self.drain_all();
+        }
+    }
+
+    fn drain_all(&mut self) {
+        let grace = self.cur.cfg.graceful_timeout();
+        self.pool.retire(grace, |_| true);
+        // Stop accepting: close the master's copy of the listener too.
+        self.cur.listener = None;
+    }
+
+    fn advance_stop(&mut self) {
+        let Some(stop) = &mut self.stop else { return };
+        if let Some(until) = stop.deregister_until {
+            if self.zk_status.state == ZkState::Deregistered || self.zk_status.state == ZkState::Disabled || Instant::now() >= until {
+                if self.zk_status.state != ZkState::Deregistered {
+                    log::warn!("zookeeper deregistration did not finish in time; draining anyway");
+                }
+                stop.deregister_until = None;
+                self.drain_all();
+            }
+            return;
+        }
+        if self.pool.workers.is_empty() {
+            self.exit_code = Some(0);
+        }
+    }
+
+    async fn finish_stop(mut self) -> i32 {
+        self.on_reap();
+        let stop = self.stop.take().unwrap_or(StopOp { responders: vec![], deregister_until: None, reaped: vec![] });
+        let pids: Vec<i32> = stop.reaped.iter().map(|r| r.pid).collect();
+        log::info!("stopped: reaped worker(s) {pids:?}");
+        let v = json!({"ok": true, "pid": std::process::id(), "reaped": stop.reaped});
+        let mut acks = Vec::new();
+        for r in stop.responders {
+            let (tx, rx) = oneshot::channel();
+            if r.send(Reply { value: v.clone(), written: Some(tx) }).is_ok() {
+                acks.push(rx);
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            for a in acks {
+                let _ = a.await;
+            }
+        })
+        .await;
+        let _ = std::fs::remove_file(&self.cur.cfg.control.socket);
+        log::logger().flush();
+        0
+    }
+}
+
+fn round3(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round() / 1000.0
+}
+
+trait CloneWith {
+    fn clone_with(&self, new: &crate::config::ControlConfig) -> crate::config::ControlConfig;
+}
+
+impl CloneWith for crate::config::ControlConfig {
+    /// The socket stays where it is; mode and group follow the new config.
+    fn clone_with(&self, new: &crate::config::ControlConfig) -> crate::config::ControlConfig {
+        let mut c = new.clone();
+        c.socket = self.socket.clone();
+        c
+    }
+}

@@ -1,0 +1,45 @@
+//! Shared ZooKeeper helpers for the registrar and discovery.
+
+use std::time::Duration;
+use zookeeper_client as zk;
+
+pub const PERSISTENT: zk::CreateOptions<'static> = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+pub const EPHEMERAL_SEQUENTIAL: zk::CreateOptions<'static> =
+    zk::CreateMode::EphemeralSequential.with_acls(zk::Acls::anyone_all());
+
+/// Splits `h1:2181,h2:2181/chroot` into the hosts and the chroot ("" if none).
+pub fn split_chroot(connect: &str) -> (&str, &str) {
+    match connect.find('/') {
+        Some(i) => (&connect[..i], connect[i..].trim_end_matches('/')),
+        None => (connect, ""),
+    }
+}
+
+/// Opens a session. A missing chroot node is created first, so that a
+/// connect string with a chroot works on an empty ensemble.
+pub async fn connect(connect: &str, session_timeout: Duration) -> Result<zk::Client, String> {
+    let (hosts, chroot) = split_chroot(connect);
+    let client = zk::Client::connector()
+        .with_session_timeout(session_timeout)
+        .connect(hosts)
+        .await
+        .map_err(|e| format!("cannot connect to ZooKeeper at {hosts}: {e}"))?;
+    if chroot.is_empty() {
+        return Ok(client);
+    }
+    match tokio::time::timeout(session_timeout, client.mkdir(chroot, &PERSISTENT)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(format!("cannot create chroot {chroot}: {e}")),
+        Err(_) => return Err(format!("timed out creating chroot {chroot}")),
+    }
+    client.chroot(chroot.to_string()).map_err(|_| format!("invalid chroot \"{chroot}\""))
+}
+
+/// Joins a parent path and a child name.
+pub fn join(parent: &str, child: &str) -> String {
+    if parent == "/" {
+        format!("/{child}")
+    } else {
+        format!("{parent}/{child}")
+    }
+}
