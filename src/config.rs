@@ -471,3 +471,13 @@ mod tests {
         assert_eq!(c, back);
     }
 }
+
+#[cfg(test)]
+mod shipped {
+    #[test]
+    fn shipped_config_is_valid_and_equals_the_defaults() {
+        let text = include_str!("../etc/rpcd.toml");
+        let c = super::Config::parse(text, "etc/rpcd.toml").unwrap();
+        assert_eq!(c, super::Config::default());
+    }
+}

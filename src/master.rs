@@ -316,12 +316,13 @@ impl Master {
 
     fn on_zk(&mut self, st: registry::Status) {
         if st.state != self.zk_status.state || st.node != self.zk_status.node {
-            log::info!("zookeeper: {:?} {}", st.state, st.node.as_deref().unwrap_or(""));
+            log::debug!("zookeeper state: {:?} {}", st.state, st.node.as_deref().unwrap_or(""));
         }
         self.zk_status = st;
     }
 
     fn on_tick(&mut self) {
+        notify::flush();
         self.on_reap(); // belt and braces: a lost SIGCHLD must not leave a zombie
         let now = Instant::now();
         self.pool.enforce_deadlines(now);
@@ -776,6 +777,10 @@ impl Master {
         })
         .await;
         let _ = std::fs::remove_file(&self.cur.cfg.control.socket);
+        for _ in 0..20 {
+            notify::flush();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         log::logger().flush();
         0
     }

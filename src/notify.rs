@@ -1,14 +1,86 @@
 //! sd_notify messages to the service manager (no-ops without `NOTIFY_SOCKET`).
+//!
+//! Messages are formatted by the `sd-notify` crate but sent without
+//! blocking: the crate's blocking send would wedge the master's loop when
+//! the manager's queue is full. A message that cannot be sent now is kept
+//! and retried by [`flush`] on the next tick, in order; only the newest
+//! `STATUS=` text is kept of those that pile up.
 
 use sd_notify::NotifyState;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::fmt::Write;
+use std::os::unix::net::UnixDatagram;
+
+thread_local! {
+    static PENDING: RefCell<VecDeque<String>> = const { RefCell::new(VecDeque::new()) };
+    static SOCKET: RefCell<Option<UnixDatagram>> = const { RefCell::new(None) };
+}
+
+const MAX_PENDING: usize = 64;
+
+fn try_send(msg: &str) -> std::io::Result<()> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return Ok(()) };
+    SOCKET.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.is_none() {
+            let sock = UnixDatagram::unbound()?;
+            sock.set_nonblocking(true)?;
+            *s = Some(sock);
+        }
+        let sock = s.as_ref().unwrap();
+        let bytes = path.as_encoded_bytes();
+        if let Some(abs) = bytes.strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(abs)?;
+            sock.send_to_addr(msg.as_bytes(), &addr)?;
+        } else {
+            sock.send_to(msg.as_bytes(), &path)?;
+        }
+        Ok(())
+    })
+}
 
 fn send(states: &[NotifyState]) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
-    if let Err(e) = sd_notify::notify(false, states) {
-        log::warn!("sd_notify failed: {e}");
+    let mut msg = String::new();
+    for s in states {
+        let _ = writeln!(msg, "{s}");
     }
+    PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        // A newer status replaces an unsent one.
+        if msg.starts_with("STATUS=") && msg.lines().count() == 1 {
+            p.retain(|m| !(m.starts_with("STATUS=") && m.lines().count() == 1));
+        }
+        if p.len() >= MAX_PENDING {
+            log::warn!("sd_notify: the service manager is not reading; dropping {:?}", p.front());
+            p.pop_front();
+        }
+        p.push_back(msg);
+    });
+    flush();
+}
+
+/// Sends what is pending, in order, until the socket would block.
+pub fn flush() {
+    PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        while let Some(m) = p.front() {
+            match try_send(m) {
+                Ok(()) => {
+                    p.pop_front();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    log::warn!("sd_notify failed: {e}");
+                    p.pop_front();
+                }
+            }
+        }
+    });
 }
 
 pub fn ready(status: &str) {

@@ -141,6 +141,38 @@ fn ok_frame(out: &mut Vec<u8>, tag: &str, result: &[u8], id: Option<&RawValue>) 
     });
 }
 
+/// Deepest nesting accepted (as serde_json's own limit): a deeper echo
+/// would be unreadable for most clients.
+pub const MAX_DEPTH: usize = 128;
+
+fn too_deep(b: &[u8]) -> bool {
+    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+    for &c in b {
+        if in_str {
+            if esc {
+                esc = false;
+            } else if c == b'\\' {
+                esc = true;
+            } else if c == b'"' {
+                in_str = false;
+            }
+            continue;
+        }
+        match c {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 /// Handles one request body and appends exactly one response frame to `out`.
 /// Returns the error code when the request failed (for logging and counters).
 pub fn handle(body: &[u8], limits: &Limits, out: &mut Vec<u8>) -> Option<ErrorCode> {
@@ -151,6 +183,11 @@ pub fn handle(body: &[u8], limits: &Limits, out: &mut Vec<u8>) -> Option<ErrorCo
             return Some(ErrorCode::BadJson);
         }
     };
+    if text.len() > MAX_DEPTH && too_deep(text.as_bytes()) {
+        let msg = format!("JSON nested deeper than {MAX_DEPTH} levels");
+        error_frame(out, ErrorCode::BadJson, &msg, None);
+        return Some(ErrorCode::BadJson);
+    }
     if !text.trim_start().starts_with('{') {
         // Arrays would otherwise deserialize positionally into the struct.
         let code = if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {

@@ -1,0 +1,516 @@
+//! Test harness: real binaries, real sockets, real signals, a real ZooKeeper.
+//! Everything started here is ended by PID when its guard drops.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const RPCD: &str = env!("CARGO_BIN_EXE_rpcd");
+pub const RPCCTL: &str = env!("CARGO_BIN_EXE_rpcctl");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `f` until it returns Some, or panics after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// True while the process exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let state = s.rsplit(')').next().unwrap_or("").trim_start().chars().next().unwrap_or('X');
+            state != 'Z' && state != 'X'
+        }
+        Err(_) => false,
+    }
+}
+
+/// Process state letter (R, S, Z, ...), or None if gone.
+pub fn proc_state(pid: i32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit(')').next()?.trim_start().chars().next()
+}
+
+/// Direct children of a process.
+pub fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn kill(pid: i32, sig: i32) {
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+pub fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+// ---------- wire protocol ----------
+
+pub fn frame(body: &[u8]) -> Vec<u8> {
+    let mut v = (body.len() as u32).to_le_bytes().to_vec();
+    v.extend_from_slice(body);
+    v
+}
+
+pub fn connect(port: u16) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Reads one response frame; None on EOF.
+pub fn read_frame(s: &mut TcpStream) -> Option<Value> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+    s.read_exact(&mut body).ok()?;
+    Some(serde_json::from_slice(&body).expect("response is JSON"))
+}
+
+pub fn call(s: &mut TcpStream, req: &Value) -> Value {
+    s.write_all(&frame(req.to_string().as_bytes())).unwrap();
+    read_frame(s).expect("a reply")
+}
+
+/// True once the peer has closed (EOF or reset) within `timeout`.
+pub fn closed_by_peer(s: &mut TcpStream, timeout: Duration) -> bool {
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut b = [0u8; 1024];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+// ---------- the daemon ----------
+
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub child: Option<Child>,
+    pub pid: i32,
+    pub notify: UnixDatagram,
+    pub notes: Vec<String>,
+    known: Vec<i32>,
+}
+
+pub struct Opts {
+    pub workers: u32,
+    pub extra_server: String,
+    pub zookeeper: Option<String>,
+    pub extra: String,
+    pub wait_ready: bool,
+    pub env: Vec<(String, String)>,
+    /// Start through `sh` so that WATCHDOG_PID can name the daemon's PID.
+    pub watchdog_usec: Option<u64>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts { workers: 2, extra_server: String::new(), zookeeper: None, extra: String::new(), wait_ready: true, env: vec![], watchdog_usec: None }
+    }
+}
+
+impl Daemon {
+    pub fn config_text(&self, o: &Opts) -> String {
+        let zk = match &o.zookeeper {
+            Some(z) => z.clone(),
+            None => "enabled = false".into(),
+        };
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{}\"\nworkers = {}\ngraceful_timeout_secs = 5\n{}\n\n[zookeeper]\n{}\n\n[control]\nsocket = \"{}\"\n\n[log]\ntarget = \"stderr\"\nlevel = \"info\"\n{}\n",
+            self.port,
+            o.workers,
+            o.extra_server,
+            zk,
+            self.socket.display(),
+            o.extra
+        )
+    }
+
+    pub fn start(o: Opts) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("rpcd.toml");
+        let socket = dir.path().join("control.sock");
+        let notify_path = dir.path().join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let mut d = Daemon { dir, port, config, socket, child: None, pid: 0, notify, notes: vec![], known: vec![] };
+        std::fs::write(&d.config, d.config_text(&o)).unwrap();
+        let log = std::fs::File::create(d.dir.path().join("rpcd.log")).unwrap();
+        let mut cmd = match o.watchdog_usec {
+            Some(usec) => {
+                let mut c = Command::new("/bin/sh");
+                c.args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\"", RPCD]).env("WATCHDOG_USEC", usec.to_string());
+                c
+            }
+            None => Command::new(RPCD),
+        };
+        cmd.arg("--config").arg(&d.config).env("NOTIFY_SOCKET", &notify_path).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        for (k, v) in &o.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn rpcd");
+        d.pid = child.id() as i32;
+        d.child = Some(child);
+        if o.wait_ready {
+            d.wait_note("READY=1", Duration::from_secs(20));
+            d.remember_workers();
+        }
+        d
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("rpcd.log")).unwrap_or_default()
+    }
+
+    /// Reads every pending sd_notify datagram into `notes`.
+    pub fn drain_notes(&mut self) {
+        let mut buf = vec![0u8; 4096];
+        self.notify.set_nonblocking(true).unwrap();
+        while let Ok(n) = self.notify.recv(&mut buf) {
+            self.notes.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        self.notify.set_nonblocking(false).unwrap();
+    }
+
+    /// Waits until a notify datagram containing `needle` as a line arrives.
+    pub fn wait_note(&mut self, needle: &str, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        let mut seen = self.notes.len();
+        loop {
+            self.drain_notes();
+            while seen < self.notes.len() {
+                let n = &self.notes[seen];
+                seen += 1;
+                if n.lines().any(|l| l == needle) {
+                    return n.clone();
+                }
+            }
+            if Instant::now() > end {
+                panic!("no {needle} within {timeout:?}; notes {:?}; log:\n{}", self.notes, self.log());
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("rpcd exited ({st}) before {needle}; log:\n{}", self.log());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(RPCCTL).arg("--socket").arg(&self.socket).args(args).output().unwrap()
+    }
+
+    pub fn status(&mut self) -> Value {
+        let out = self.ctl(&["status", "--json"]);
+        assert!(out.status.success(), "status failed: {}; log:\n{}", String::from_utf8_lossy(&out.stderr), self.log());
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        self.remember(&v);
+        v
+    }
+
+    fn remember(&mut self, v: &Value) {
+        for w in v["workers"].as_array().into_iter().flatten() {
+            let pid = w["pid"].as_i64().unwrap() as i32;
+            if !self.known.contains(&pid) {
+                self.known.push(pid);
+            }
+        }
+    }
+
+    pub fn remember_workers(&mut self) {
+        for p in children(self.pid) {
+            if !self.known.contains(&p) {
+                self.known.push(p);
+            }
+        }
+    }
+
+    /// PIDs of serving workers, per the status report.
+    pub fn worker_pids(&mut self) -> Vec<i32> {
+        let v = self.status();
+        let mut p: Vec<i32> = v["workers"].as_array().unwrap().iter().map(|w| w["pid"].as_i64().unwrap() as i32).collect();
+        p.sort();
+        p
+    }
+
+    pub fn wait_serving(&mut self, n: usize) -> Vec<i32> {
+        wait_for("workers serving", Duration::from_secs(20), || {
+            let v = self.status();
+            let ws = v["workers"].as_array().unwrap();
+            let serving: Vec<i32> = ws.iter().filter(|w| w["state"] == "serving").map(|w| w["pid"].as_i64().unwrap() as i32).collect();
+            (serving.len() == n && ws.len() == n).then_some(serving)
+        })
+    }
+
+    /// Waits for the master to exit and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut().unwrap();
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                self.child = None;
+                return st.code();
+            }
+            if Instant::now() > end {
+                panic!("rpcd did not exit within {timeout:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn rewrite_config(&self, text: &str) {
+        std::fs::write(&self.config, text).unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.remember_workers();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for &p in &self.known {
+            if alive(p) {
+                kill(p, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+// ---------- ZooKeeper ----------
+
+pub struct ZkServer {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub child: Option<Child>,
+    cfg: PathBuf,
+}
+
+pub const ZK_JAR: &str = "/usr/share/java/zookeeper.jar";
+
+pub fn zk_available() -> bool {
+    Path::new(ZK_JAR).exists() && Path::new("/usr/bin/java").exists()
+}
+
+fn four_letter(port: u16, cmd: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(cmd.as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+impl ZkServer {
+    /// A standalone server on a free port in a temp dir.
+    pub fn start() -> ZkServer {
+        assert!(zk_available(), "ZooKeeper is not installed (apt-get install zookeeper)");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let cfg = dir.path().join("zoo.cfg");
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        std::fs::write(
+            &cfg,
+            format!(
+                "tickTime=500\ninitLimit=10\nsyncLimit=5\ndataDir={}\nclientPort={port}\nclientPortAddress=127.0.0.1\nminSessionTimeout=1000\nmaxSessionTimeout=60000\nadmin.enableServer=false\n4lw.commands.whitelist=*\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let mut z = ZkServer { dir, port, child: None, cfg };
+        z.boot();
+        z
+    }
+
+    fn boot(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("zk.log")).unwrap();
+        let child = Command::new("/usr/bin/java")
+            .args(["-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Dzookeeper.admin.enableServer=false", "-cp", ZK_JAR])
+            .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
+            .arg(&self.cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start ZooKeeper");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("ZooKeeper ruok", Duration::from_secs(60), || (four_letter(port, "ruok").as_deref() == Some("imok")).then_some(()));
+    }
+
+    pub fn hosts(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.boot();
+    }
+
+    /// Children of a path and their data, through the zkCli-free way: a
+    /// short-lived tokio runtime with the same client crate as rpcctl.
+    pub fn children(&self, path: &str) -> Vec<(String, Value)> {
+        zk_children(&self.hosts(), path)
+    }
+}
+
+impl Drop for ZkServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn zk_children(hosts: &str, path: &str) -> Vec<(String, Value)> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let c = zookeeper_client::Client::connector()
+            .with_session_timeout(Duration::from_secs(5))
+            .connect(hosts)
+            .await
+            .expect("connect to test ZooKeeper");
+        let mut out = Vec::new();
+        let kids = match c.list_children(path).await {
+            Ok(k) => k,
+            Err(zookeeper_client::Error::NoNode) => vec![],
+            Err(e) => panic!("list {path}: {e}"),
+        };
+        for k in kids {
+            let p = format!("{path}/{k}");
+            if let Ok((d, _)) = c.get_data(&p).await {
+                out.push((p, serde_json::from_slice(&d).unwrap_or(Value::Null)));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    })
+}
+
+// ---------- a TCP proxy that can cut connections (partitions) ----------
+
+pub struct Proxy {
+    pub port: u16,
+    cut: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    pub fn start(target: u16) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        l.set_nonblocking(true).unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<std::sync::Mutex<Vec<TcpStream>>> = Arc::default();
+        let (c2, s2, k2) = (cut.clone(), stop.clone(), conns.clone());
+        std::thread::spawn(move || {
+            while !s2.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((a, _)) => {
+                        if c2.load(Ordering::SeqCst) {
+                            drop(a);
+                            continue;
+                        }
+                        let Ok(b) = TcpStream::connect(("127.0.0.1", target)) else { continue };
+                        a.set_nonblocking(false).unwrap();
+                        k2.lock().unwrap().push(a.try_clone().unwrap());
+                        k2.lock().unwrap().push(b.try_clone().unwrap());
+                        for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+                            let cut = c2.clone();
+                            std::thread::spawn(move || {
+                                let mut buf = [0u8; 16384];
+                                loop {
+                                    match from.read(&mut buf) {
+                                        Ok(0) | Err(_) => break,
+                                        Ok(n) => {
+                                            if cut.load(Ordering::SeqCst) {
+                                                continue; // black hole
+                                            }
+                                            if to.write_all(&buf[..n]).is_err() {
+                                                break;
+                                            }
+                                        }
+                                    }
+                                }
+                                let _ = to.shutdown(std::net::Shutdown::Both);
+                            });
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Proxy { port, cut, stop, conns }
+    }
+
+    /// Silently drops all traffic (a partition), new connections included.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+    }
+
+    /// Heals the partition; existing connections are reset.
+    pub fn heal(&self) {
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
