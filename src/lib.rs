@@ -24,3 +24,7 @@ pub mod registry;
 pub mod worker;
 pub mod discovery;
 pub mod zk;
+
+/// serde_json as rpcd uses it (for the fuzz targets).
+#[doc(hidden)]
+pub use serde_json as serde_json_reexport;

@@ -140,11 +140,13 @@ pub struct Opts {
     pub env: Vec<(String, String)>,
     /// Start through `sh` so that WATCHDOG_PID can name the daemon's PID.
     pub watchdog_usec: Option<u64>,
+    /// Body of the [log] table (default: stderr at info).
+    pub log: Option<String>,
 }
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts { workers: 2, extra_server: String::new(), zookeeper: None, extra: String::new(), wait_ready: true, env: vec![], watchdog_usec: None }
+        Opts { workers: 2, extra_server: String::new(), zookeeper: None, extra: String::new(), wait_ready: true, env: vec![], watchdog_usec: None, log: None }
     }
 }
 
@@ -155,12 +157,13 @@ impl Daemon {
             None => "enabled = false".into(),
         };
         format!(
-            "[server]\nlisten = \"127.0.0.1:{}\"\nworkers = {}\ngraceful_timeout_secs = 5\n{}\n\n[zookeeper]\n{}\n\n[control]\nsocket = \"{}\"\n\n[log]\ntarget = \"stderr\"\nlevel = \"info\"\n{}\n",
+            "[server]\nlisten = \"127.0.0.1:{}\"\nworkers = {}\ngraceful_timeout_secs = 5\n{}\n\n[zookeeper]\n{}\n\n[control]\nsocket = \"{}\"\n\n[log]\n{}\n{}\n",
             self.port,
             o.workers,
             o.extra_server,
             zk,
             self.socket.display(),
+            o.log.clone().unwrap_or_else(|| "target = \"stderr\"\nlevel = \"info\"".into()),
             o.extra
         )
     }
