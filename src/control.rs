@@ -20,6 +20,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub const MAX_REQUEST: usize = 64 * 1024;
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refused peer may keep writing before its connection closes.
+const REFUSED_LINGER: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -178,6 +180,20 @@ async fn connection(mut stream: UnixStream, tx: mpsc::UnboundedSender<Request>, 
             cred.pid().unwrap_or(0)
         );
         let _ = send_line(&mut stream, &json!({"ok": false, "error": "permission denied"})).await;
+        // Let the peer finish writing its request before we close, so that
+        // it reads the refusal instead of failing its write with EPIPE.
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let mut left = MAX_REQUEST;
+        let _ = tokio::time::timeout(REFUSED_LINGER, async {
+            while left > 0 {
+                match stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
         return;
     }
     let (rd, mut wr) = stream.into_split();
@@ -274,7 +290,13 @@ impl Client {
         let err = |e: std::io::Error| ClientError::Other(format!("{}: {e}", self.path.display()));
         self.stream.set_read_timeout(Some(timeout)).map_err(err)?;
         let line = format!("{}\n", json!({"cmd": cmd}));
-        self.stream.write_all(line.as_bytes()).map_err(err)?;
+        if let Err(e) = self.stream.write_all(line.as_bytes()) {
+            // The daemon may have answered (a refusal) and closed before
+            // our request arrived: its reply is still there to read.
+            if e.kind() != std::io::ErrorKind::BrokenPipe && e.kind() != std::io::ErrorKind::ConnectionReset {
+                return Err(err(e));
+            }
+        }
         let mut reply = String::new();
         BufReader::new(&self.stream).read_line(&mut reply).map_err(|e| {
             ClientError::Other(format!("no reply from {} within {:?}: {e}", self.path.display(), timeout))

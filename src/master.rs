@@ -588,6 +588,17 @@ impl Master {
         if cfg.zookeeper.enabled != old.zookeeper.enabled {
             warnings.push("zookeeper.enabled cannot change at runtime (restart rpcd to apply)".into());
         }
+        // What cannot change keeps its running value, so that the new
+        // generation, later reloads (and their warnings) and the stop's
+        // cleanup all see what is really in use.
+        let mut cfg = cfg;
+        cfg.control.socket = old.control.socket.clone();
+        cfg.log.target = old.log.target;
+        cfg.log.syslog_socket = old.log.syslog_socket.clone();
+        cfg.zookeeper.enabled = old.zookeeper.enabled;
+        if cfg.zookeeper.enabled && cfg.zookeeper.hosts.trim().is_empty() {
+            cfg.zookeeper.hosts = old.zookeeper.hosts.clone();
+        }
         let addr = cfg.listen_addr();
         let same = addr == self.cur.addr || cfg.server.listen == old.server.listen;
         let listener = if let (true, Some(l)) = (same, self.cur.listener.clone()) {
