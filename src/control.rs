@@ -20,6 +20,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub const MAX_REQUEST: usize = 64 * 1024;
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Control connections served at once; more are refused, not queued.
+pub const MAX_CLIENTS: usize = 64;
 /// How long a refused peer may keep writing before its connection closes.
 const REFUSED_LINGER: Duration = Duration::from_secs(1);
 
@@ -31,8 +33,8 @@ pub enum Command {
     Reload,
 }
 
+/// Unknown fields are ignored, so that newer clients can add options.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RequestLine {
     cmd: String,
 }
@@ -126,12 +128,24 @@ pub fn apply_mode(cfg: &ControlConfig) -> Result<(), String> {
 
 /// Accepts control connections until the listener is dropped.
 pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Request>, acl: watch::Receiver<Acl>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    log::warn!("control: more than {MAX_CLIENTS} clients at once; refusing one");
+                    let mut stream = stream;
+                    tokio::spawn(async move {
+                        let _ = send_line(&mut stream, &json!({"ok": false, "error": "too many control clients; try again"})).await;
+                    });
+                    continue;
+                };
                 let tx = tx.clone();
                 let acl = acl.clone();
-                tokio::spawn(async move { connection(stream, tx, acl).await });
+                tokio::spawn(async move {
+                    connection(stream, tx, acl).await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 log::warn!("control socket accept: {e}");

@@ -143,12 +143,23 @@ type Started = (
 impl Master {
     async fn start(config_path: PathBuf, cfg: Config) -> Result<Started, String> {
         let ctl_listener = control::bind(&cfg.control)?;
-        let addr = cfg.listen_addr();
-        let listener = bind_listener(addr, cfg.server.backlog).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        let addr = listener.local_addr().unwrap_or(addr);
-        if cfg.zookeeper.enabled {
-            registry::advertised(&cfg, addr)?;
-        }
+        let bound = (|| {
+            let addr = cfg.listen_addr();
+            let listener = bind_listener(addr, cfg.server.backlog).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            let addr = listener.local_addr().unwrap_or(addr);
+            if cfg.zookeeper.enabled {
+                registry::advertised(&cfg, addr)?;
+            }
+            Ok::<_, String>((listener, addr))
+        })();
+        let (listener, addr) = match bound {
+            Ok(b) => b,
+            Err(e) => {
+                // Leave no socket file behind for a daemon that never ran.
+                let _ = std::fs::remove_file(&cfg.control.socket);
+                return Err(e);
+            }
+        };
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let (zk_tx, zk_rx) = mpsc::unbounded_channel();
@@ -708,10 +719,14 @@ impl Master {
 
     fn begin_stop(&mut self, responder: Option<Responder>) {
         if let Some(stop) = &mut self.stop {
+            let by_signal = responder.is_none();
             stop.responders.extend(responder);
-            if stop.deregister_until.is_none() && stop.responders.is_empty() {
-                // A second signal while draining: stop waiting.
+            if by_signal {
+                // A second SIGTERM/SIGINT: stop waiting (for ZooKeeper or the drain).
                 log::warn!("second stop signal: killing the remaining workers now");
+                if stop.deregister_until.take().is_some() {
+                    self.drain_all();
+                }
                 let pids: Vec<i32> = self.pool.workers.keys().copied().collect();
                 for pid in pids {
                     self.pool.kill_now(pid, "fast stop");

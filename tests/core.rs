@@ -362,3 +362,20 @@ fn python_client_framing_like_the_original() {
     assert!(stdout.contains("pi_r 2.8284271247461903"), "{stdout}");
     assert!(stdout.contains("pi_r 3.1412746456267633"), "{stdout}");
 }
+
+#[test]
+fn a_second_sigterm_kills_the_remaining_workers_at_once() {
+    let mut d = Daemon::start(Opts { workers: 1, extra_server: "graceful_timeout_secs = 30".into(), ..Default::default() });
+    let w = d.wait_serving(1)[0];
+    kill(w, libc::SIGSTOP); // it cannot drain
+    kill(d.pid, libc::SIGTERM);
+    d.wait_note("STOPPING=1", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(alive(d.pid), "still draining");
+    let t = Instant::now();
+    kill(d.pid, libc::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(proc_state(w), None);
+    assert!(d.log().contains("second stop signal"));
+}

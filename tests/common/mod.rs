@@ -157,9 +157,10 @@ impl Daemon {
             None => "enabled = false".into(),
         };
         format!(
-            "[server]\nlisten = \"127.0.0.1:{}\"\nworkers = {}\ngraceful_timeout_secs = 5\n{}\n\n[zookeeper]\n{}\n\n[control]\nsocket = \"{}\"\n\n[log]\n{}\n{}\n",
+            "[server]\nlisten = \"127.0.0.1:{}\"\nworkers = {}\n{}{}\n\n[zookeeper]\n{}\n\n[control]\nsocket = \"{}\"\n\n[log]\n{}\n{}\n",
             self.port,
             o.workers,
+            if o.extra_server.contains("graceful_timeout_secs") { "" } else { "graceful_timeout_secs = 5\n" },
             o.extra_server,
             zk,
             self.socket.display(),
