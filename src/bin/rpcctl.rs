@@ -92,11 +92,19 @@ fn socket_path(args: &Args) -> PathBuf {
     match Config::load(&path) {
         Ok(c) => c.control.socket,
         Err(e) => {
-            if args.config.is_some() {
-                eprintln!("rpcctl: {e}");
-                exit(1);
+            // An invalid file still names its socket: let the daemon say
+            // what is wrong with it (reload reports the key and line).
+            let lenient = std::fs::read_to_string(&path).ok().and_then(|t| t.parse::<toml::Table>().ok()).and_then(|t| {
+                t.get("control")?.get("socket")?.as_str().map(PathBuf::from)
+            });
+            match lenient {
+                Some(p) => p,
+                None if args.config.is_some() && !path.exists() => {
+                    eprintln!("rpcctl: {e}");
+                    exit(1);
+                }
+                None => rpcd::config::ControlConfig::default().socket,
             }
-            rpcd::config::ControlConfig::default().socket
         }
     }
 }

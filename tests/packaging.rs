@@ -1,0 +1,567 @@
+//! Packaging: the manual pages, the systemd unit and the package scripts kept
+//! in step with the binaries and the configuration; and, as root, the .deb
+//! and .rpm built, linted, inspected, and the .deb installed and run under a
+//! real systemd (packaging/build-packages, lint-packages, e2e-systemd).
+
+use rpcd::config::Config;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const RPCD: &str = env!("CARGO_BIN_EXE_rpcd");
+const RPCCTL: &str = env!("CARGO_BIN_EXE_rpcctl");
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+// ---------- --help output ----------
+
+#[derive(Debug)]
+struct Opt {
+    short: Option<String>,
+    long: String,
+    default: Option<String>,
+    possible: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Help {
+    options: Vec<Opt>,
+    /// Positional arguments, lower-cased, without <> or [].
+    args: Vec<String>,
+    commands: Vec<String>,
+}
+
+fn bracketed(desc: &str, label: &str) -> Option<String> {
+    let start = desc.find(label)? + label.len();
+    let end = desc[start..].find(']')? + start;
+    Some(desc[start..end].to_string())
+}
+
+fn help(bin: &str, args: &[&str]) -> Help {
+    let out = Command::new(bin).args(args).arg("--help").output().unwrap();
+    assert!(out.status.success(), "{bin} {args:?} --help: {out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut h = Help::default();
+    let mut section = "";
+    for line in text.lines() {
+        if !line.starts_with(' ') {
+            section = line.trim_end_matches(':');
+            continue;
+        }
+        let t = line.trim();
+        match section {
+            "Commands" => h.commands.push(t.split_whitespace().next().unwrap().to_string()),
+            "Arguments" => {
+                let name = t.split_whitespace().next().unwrap();
+                h.args.push(name.trim_matches(|c| "<>[]".contains(c)).to_lowercase());
+            }
+            "Options" => {
+                let (short, rest) = match t.strip_prefix('-').filter(|r| !r.starts_with('-')) {
+                    Some(r) => (Some(r[..1].to_string()), r[1..].trim_start_matches(',').trim_start()),
+                    None => (None, t),
+                };
+                let long = rest.strip_prefix("--").unwrap_or_else(|| panic!("no long option in {line:?}"));
+                let long = long.split(|c: char| c.is_whitespace()).next().unwrap().to_string();
+                h.options.push(Opt {
+                    short,
+                    long,
+                    default: bracketed(t, "[default: "),
+                    possible: bracketed(t, "[possible values: ").map(|v| v.split(", ").map(str::to_string).collect()).unwrap_or_default(),
+                });
+            }
+            _ => {}
+        }
+    }
+    h
+}
+
+// ---------- mdoc source ----------
+
+/// Lines of section `.Sh NAME` up to the next `.Sh`.
+fn man_section<'a>(man: &'a str, name: &str) -> Vec<&'a str> {
+    let mut lines = man.lines().skip_while(|l| *l != format!(".Sh {name}"));
+    assert!(lines.next().is_some(), "no .Sh {name}");
+    lines.take_while(|l| !l.starts_with(".Sh ")).collect()
+}
+
+fn tokens(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
+/// Whether `line` has the macro `mac` followed by `arg`, e.g. `Fl -config`.
+fn has_macro(line: &str, mac: &str, arg: &str) -> bool {
+    tokens(line).windows(2).any(|w| w[0].trim_start_matches('.') == mac && w[1] == arg)
+}
+
+/// From the `.It` line for which `is_head` holds up to the next `.It` or `.El`.
+fn item<'a>(lines: &[&'a str], is_head: impl Fn(&str) -> bool) -> Option<Vec<&'a str>> {
+    let start = lines.iter().position(|l| l.starts_with(".It ") && is_head(l))?;
+    let mut v = vec![lines[start]];
+    v.extend(lines[start + 1..].iter().take_while(|l| !l.starts_with(".It") && !l.starts_with(".El")));
+    Some(v)
+}
+
+/// Words of an item's text, without trailing punctuation and roff escapes.
+fn words(item: &[&str]) -> Vec<String> {
+    item.iter()
+        .flat_map(|l| l.split_whitespace())
+        .map(|w| w.replace("\\(dq", "\"").replace("\\&", "").trim_end_matches(['.', ',', ';']).to_string())
+        .collect()
+}
+
+/// Checks that the item documenting `o` is among `lines`, names its short
+/// option, and states its default and its possible values.
+fn check_option(page: &str, place: &str, lines: &[&str], o: &Opt) {
+    let long = format!("-{}", o.long);
+    let it = item(lines, |l| l.starts_with(".It Fl ") && has_macro(l, "Fl", &long))
+        .unwrap_or_else(|| panic!("{page}: no `.It Fl {long}` in {place}"));
+    if let Some(s) = &o.short {
+        assert!(has_macro(it[0], "Fl", s), "{page}: `{}` lacks `Fl {s}` ({place})", it[0]);
+    }
+    let w = words(&it);
+    if let Some(d) = &o.default {
+        assert!(w.iter().any(|x| x == "Default:") && w.contains(d), "{page}: --{} ({place}) does not say `Default: {d}`: {it:?}", o.long);
+    }
+    for p in &o.possible {
+        assert!(w.contains(p), "{page}: --{} ({place}) does not name the value {p}: {it:?}", o.long);
+    }
+}
+
+fn flags_in(man: &str) -> BTreeSet<String> {
+    man.lines()
+        .filter(|l| l.starts_with('.'))
+        .flat_map(|l| {
+            let t = tokens(l);
+            t.windows(2).filter(|w| w[0].trim_start_matches('.') == "Fl").map(|w| w[1].to_string()).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn rpcd_8_documents_every_option() {
+    let man = read("man/rpcd.8");
+    let opts = man_section(&man, "OPTIONS");
+    let h = help(RPCD, &[]);
+    assert!(h.options.iter().any(|o| o.long == "config"), "{h:?}");
+    for o in &h.options {
+        check_option("rpcd.8", "OPTIONS", &opts, o);
+    }
+    // Nothing documented that the binary does not have (--worker is hidden
+    // from --help: the master's internal way to start workers).
+    let known: BTreeSet<String> =
+        h.options.iter().flat_map(|o| [Some(format!("-{}", o.long)), o.short.clone()]).flatten().chain(["-worker".to_string()]).collect();
+    for f in flags_in(&man) {
+        assert!(known.contains(&f), "rpcd.8 documents `Fl {f}`, which rpcd does not have");
+    }
+}
+
+#[test]
+fn rpcctl_1_documents_every_command_and_option() {
+    let man = read("man/rpcctl.1");
+    let top = help(RPCCTL, &[]);
+    let globals: BTreeSet<&str> = top.options.iter().map(|o| o.long.as_str()).collect();
+    let options = man_section(&man, "OPTIONS");
+    for o in &top.options {
+        check_option("rpcctl.1", "OPTIONS", &options, o);
+    }
+    let commands = man_section(&man, "COMMANDS");
+    let heads: Vec<usize> = (0..commands.len()).filter(|&i| commands[i].starts_with(".It Cm ")).collect();
+    let mut known: BTreeSet<String> = top.options.iter().flat_map(|o| [Some(format!("-{}", o.long)), o.short.clone()]).flatten().collect();
+    assert!(top.commands.len() >= 5, "{top:?}");
+    for cmd in &top.commands {
+        let i = *heads
+            .iter()
+            .find(|&&i| tokens(commands[i]).get(2) == Some(&cmd.as_str()))
+            .unwrap_or_else(|| panic!("rpcctl.1: no `.It Cm {cmd}` in COMMANDS"));
+        let end = heads.iter().find(|&&j| j > i).copied().unwrap_or(commands.len());
+        let block = &commands[i..end];
+        if cmd == "help" {
+            continue; // `rpcctl help --help` is not a thing
+        }
+        let h = help(RPCCTL, &[cmd]);
+        for o in h.options.iter().filter(|o| !globals.contains(o.long.as_str())) {
+            check_option("rpcctl.1", &format!("`{cmd}`"), block, o);
+            known.insert(format!("-{}", o.long));
+        }
+        for a in &h.args {
+            assert!(item(block, |l| tokens(l) == [".It", "Ar", a.as_str()]).is_some(), "rpcctl.1: `{cmd}` lacks `.It Ar {a}`");
+        }
+    }
+    for f in flags_in(&man) {
+        assert!(known.contains(&f), "rpcctl.1 documents `Fl {f}`, which rpcctl does not have");
+    }
+    for &i in &heads {
+        let name = tokens(commands[i])[2];
+        assert!(top.commands.iter().any(|c| c == name), "rpcctl.1 documents command {name}, which rpcctl does not have");
+    }
+}
+
+/// (table, key) → default value, from the daemon's own defaults.
+fn config_keys() -> Vec<(String, String, Value)> {
+    fn walk(table: &str, v: &Value, out: &mut Vec<(String, String, Value)>) {
+        for (k, v) in v.as_object().unwrap() {
+            match v {
+                Value::Object(_) if table.is_empty() || table == "methods" => {
+                    let t = if table.is_empty() { k.clone() } else { format!("{table}.{k}") };
+                    walk(&t, v, out)
+                }
+                _ => out.push((table.to_string(), k.clone(), v.clone())),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk("", &serde_json::to_value(Config::default()).unwrap(), &mut out);
+    out
+}
+
+/// A default as TOML writes it.
+fn toml_literal(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("\"{s}\""),
+        Value::Array(a) => format!("[{}]", a.iter().map(toml_literal).collect::<Vec<_>>().join(", ")),
+        other => other.to_string(),
+    }
+}
+
+#[test]
+fn rpcd_toml_5_documents_every_key_with_its_default() {
+    let man = read("man/rpcd.toml.5");
+    let keys = config_keys();
+    assert!(keys.len() >= 25, "{keys:?}");
+    let all: Vec<&str> = man.lines().collect();
+    let mut documented = BTreeSet::new();
+    for (table, key, default) in &keys {
+        let head = format!(".Ss \\&[{table}]\\&");
+        let start = all.iter().position(|l| *l == head).unwrap_or_else(|| panic!("rpcd.toml.5: no `{head}`"));
+        let sect: Vec<&str> = all[start + 1..].iter().take_while(|l| !l.starts_with(".Ss ") && !l.starts_with(".Sh ")).copied().collect();
+        let it = item(&sect, |l| tokens(l) == [".It", "Ic", key.as_str()])
+            .unwrap_or_else(|| panic!("rpcd.toml.5: no `.It Ic {key}` under [{table}]"));
+        let w = words(&it);
+        let at = w.iter().position(|x| x == "Default:").unwrap_or_else(|| panic!("rpcd.toml.5: {table}.{key} has no `Default:`"));
+        let stated = &w[at + 1..];
+        if default.is_null() {
+            assert_eq!(stated.first().map(String::as_str), Some("unset"), "rpcd.toml.5: {table}.{key}");
+        } else {
+            let want = toml_literal(default);
+            assert!(
+                stated.len() >= 2 && stated[0] == ".Li" && stated[1] == want,
+                "rpcd.toml.5: {table}.{key}: default stated as {stated:?}, rpcd's is {want}"
+            );
+        }
+        documented.insert(format!("{table}.{key}"));
+    }
+    // Nothing documented that the daemon does not read.
+    let mut table = String::new();
+    for l in &all {
+        if let Some(t) = l.strip_prefix(".Ss \\&[").and_then(|t| t.strip_suffix("]\\&")) {
+            table = t.to_string();
+        } else if l.starts_with(".Sh ") {
+            table.clear();
+        } else if let (false, [".It", "Ic", key]) = (table.is_empty(), tokens(l).as_slice()) {
+            assert!(documented.contains(&format!("{table}.{key}")), "rpcd.toml.5 documents {table}.{key}, which rpcd does not read");
+        }
+    }
+}
+
+#[test]
+fn shipped_rpcd_toml_lists_every_key() {
+    // Set or commented out (`#advertise = ...`): every key is in the file.
+    let mut in_file = BTreeSet::new();
+    let mut table = String::new();
+    for l in read("etc/rpcd.toml").lines() {
+        if let Some(t) = l.strip_prefix('[') {
+            table = t.split(']').next().unwrap().to_string();
+            continue;
+        }
+        let l = l.strip_prefix('#').unwrap_or(l);
+        if let Some((k, _)) = l.split_once('=') {
+            let k = k.trim_end();
+            if !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                in_file.insert(format!("{table}.{k}"));
+            }
+        }
+    }
+    let keys: BTreeSet<String> = config_keys().into_iter().map(|(t, k, _)| format!("{t}.{k}")).collect();
+    assert_eq!(in_file, keys, "etc/rpcd.toml and rpcd's keys differ");
+}
+
+// ---------- unit, sysusers, scripts ----------
+
+fn unit() -> Vec<(String, String)> {
+    read("packaging/rpcd.service")
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with('['))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn unit_value(u: &[(String, String)], key: &str) -> String {
+    let v: Vec<&String> = u.iter().filter(|(k, _)| k == key).map(|(_, v)| v).collect();
+    assert_eq!(v.len(), 1, "rpcd.service: {key} set {} times", v.len());
+    v[0].clone()
+}
+
+fn secs(v: &str) -> u64 {
+    v.strip_suffix('s').unwrap_or(v).parse().unwrap_or_else(|_| panic!("not seconds: {v}"))
+}
+
+#[test]
+fn unit_fits_the_daemon_and_its_defaults() {
+    let u = unit();
+    let v = |k: &str| unit_value(&u, k);
+    assert_eq!(v("Type"), "notify");
+    assert_eq!(v("ExecStart"), "/usr/sbin/rpcd --config /etc/rpcd.toml");
+    assert_eq!(v("ExecReload"), "/usr/bin/rpcctl --config /etc/rpcd.toml reload");
+    assert_eq!(v("KillMode"), "mixed");
+    assert_eq!(v("Restart"), "on-failure");
+    assert_eq!((v("User"), v("Group")), ("rpcd".to_string(), "rpcd".to_string()));
+    let c = Config::default();
+    assert_eq!(
+        c.control.socket.parent().unwrap(),
+        Path::new("/run").join(v("RuntimeDirectory")),
+        "the default control socket is not in the unit's RuntimeDirectory"
+    );
+    // Stop: deregistration (the delay, plus up to 5 s for ZooKeeper to
+    // confirm), the drain, SIGKILL and reap, with a margin of 5 s at least.
+    let z = &c.zookeeper;
+    let stop = c.server.graceful_timeout_secs + (z.deregister_delay_ms + z.session_timeout_ms.min(5000)).div_ceil(1000);
+    assert!(secs(&v("TimeoutStopSec")) >= stop + 5, "TimeoutStopSec {} < {stop} s + 5 s", v("TimeoutStopSec"));
+    // Start and reload (ExecReload is bounded by TimeoutStartSec): new workers
+    // get ready_timeout_secs, and a reload then drains the old ones.
+    let reload = c.server.ready_timeout_secs + c.server.graceful_timeout_secs;
+    assert!(secs(&v("TimeoutStartSec")) >= reload + 5, "TimeoutStartSec {} < {reload} s + 5 s", v("TimeoutStartSec"));
+    // Every man: page the unit names is shipped.
+    for doc in v("Documentation").split_whitespace() {
+        let page = doc.strip_prefix("man:").unwrap();
+        let (name, sect) = page.trim_end_matches(')').split_once('(').unwrap();
+        assert!(repo().join(format!("man/{name}.{sect}")).exists(), "Documentation={doc}: no man/{name}.{sect}");
+    }
+}
+
+#[test]
+fn rpm_pre_creates_the_user_of_the_sysusers_file() {
+    let pre = read("packaging/rpm/pre.sh");
+    let entries: Vec<String> =
+        read("packaging/rpcd.sysusers").lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).map(str::to_string).collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    for e in &entries {
+        assert!(pre.lines().any(|l| l == e), "packaging/rpm/pre.sh lacks the sysusers line {e:?}");
+    }
+}
+
+#[test]
+fn debian_changelog_is_at_the_crate_version() {
+    let first = read("packaging/debian/changelog").lines().next().unwrap().to_string();
+    let want = format!("rpcd ({}-1) ", env!("CARGO_PKG_VERSION"));
+    assert!(first.starts_with(&want), "packaging/debian/changelog starts {first:?}, not {want:?}");
+}
+
+// ---------- build, lint, install, run (root) ----------
+
+fn run(what: &str, cmd: &mut Command) -> String {
+    let t = Instant::now();
+    let out = cmd.current_dir(repo()).output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("---- {what} ({:.1} s)\n{text}", t.elapsed().as_secs_f64());
+    assert!(out.status.success(), "{what} failed ({}):\n{text}", out.status);
+    text
+}
+
+fn one_file(dir: &Path, prefix: &str, suffix: &str) -> PathBuf {
+    let found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with(prefix) && n.ends_with(suffix)
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "{prefix}*{suffix} in {}: {found:?}", dir.display());
+    found[0].clone()
+}
+
+/// Files (not directories) of a tree, relative, sorted.
+fn files_under(root: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() && !p.is_symlink() {
+                walk(root, &p, out);
+            } else {
+                out.push(format!("/{}", p.strip_prefix(root).unwrap().display()));
+            }
+        }
+    }
+    let mut v = Vec::new();
+    walk(root, root, &mut v);
+    v.sort();
+    v
+}
+
+const PACKAGED: &[&str] = &[
+    "/etc/rpcd.toml",
+    "/usr/bin/rpcctl",
+    "/usr/lib/systemd/system/rpcd.service",
+    "/usr/lib/sysusers.d/rpcd.conf",
+    "/usr/sbin/rpcd",
+    "/usr/share/doc/rpcd/README.md",
+    "/usr/share/man/man1/rpcctl.1.gz",
+    "/usr/share/man/man5/rpcd.toml.5.gz",
+    "/usr/share/man/man8/rpcd.8.gz",
+];
+
+fn check_payload(kind: &str, root: &Path, extra: &[&str]) {
+    let mut want: Vec<String> = PACKAGED.iter().chain(extra).map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(files_under(root), want, "{kind}: files");
+    assert_eq!(std::fs::read(root.join("etc/rpcd.toml")).unwrap(), read("etc/rpcd.toml").as_bytes(), "{kind}: /etc/rpcd.toml");
+    assert_eq!(
+        std::fs::read(root.join("usr/lib/systemd/system/rpcd.service")).unwrap(),
+        read("packaging/rpcd.service").as_bytes(),
+        "{kind}: rpcd.service"
+    );
+    assert_eq!(
+        std::fs::read(root.join("usr/lib/sysusers.d/rpcd.conf")).unwrap(),
+        read("packaging/rpcd.sysusers").as_bytes(),
+        "{kind}: sysusers"
+    );
+    for bin in ["usr/sbin/rpcd", "usr/bin/rpcctl"] {
+        use std::os::unix::fs::PermissionsExt;
+        let p = root.join(bin);
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o755, "{kind}: {bin} mode");
+        let v = Command::new(&p).arg("--version").output().unwrap();
+        assert!(String::from_utf8_lossy(&v.stdout).contains(env!("CARGO_PKG_VERSION")), "{kind}: {bin} --version: {v:?}");
+        let sections = String::from_utf8(Command::new("objdump").arg("-h").arg(&p).output().unwrap().stdout).unwrap();
+        assert!(!sections.contains(".debug_info") && !sections.contains(".debug_line"), "{kind}: {bin} is not stripped");
+    }
+    for (page, src) in [("man8/rpcd.8.gz", "man/rpcd.8"), ("man1/rpcctl.1.gz", "man/rpcctl.1"), ("man5/rpcd.toml.5.gz", "man/rpcd.toml.5")]
+    {
+        let z = Command::new("zcat").arg(root.join("usr/share/man").join(page)).output().unwrap();
+        assert!(z.status.success() && z.stdout == read(src).as_bytes(), "{kind}: {page} is not gzipped {src}");
+    }
+}
+
+fn check_deb(deb: &Path, scratch: &Path) {
+    let field = |f: &str| run(&format!("dpkg-deb -f {f}"), Command::new("dpkg-deb").arg("-f").arg(deb).arg(f));
+    let depends = field("Depends");
+    assert!(depends.contains("libc6 (>="), "Depends not computed from the binaries: {depends}");
+    let root = scratch.join("deb");
+    run("dpkg-deb -x", Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root));
+    check_payload(
+        ".deb",
+        &root,
+        &["/usr/share/doc/rpcd/changelog.Debian.gz", "/usr/share/doc/rpcd/copyright", "/usr/share/lintian/overrides/rpcd"],
+    );
+    let ctl = scratch.join("deb-control");
+    run("dpkg-deb -e", Command::new("dpkg-deb").arg("-e").arg(deb).arg(&ctl));
+    assert_eq!(std::fs::read_to_string(ctl.join("conffiles")).unwrap().trim(), "/etc/rpcd.toml");
+    let postinst = std::fs::read_to_string(ctl.join("postinst")).unwrap();
+    for s in ["systemd-sysusers", "deb-systemd-helper enable rpcd.service", "deb-systemd-invoke $_dh_action rpcd.service"] {
+        assert!(postinst.contains(s), "postinst lacks {s:?}:\n{postinst}");
+    }
+    // Users before units: the service must find its user when it starts.
+    assert!(postinst.find("systemd-sysusers") < postinst.find("deb-systemd-invoke"), "{postinst}");
+    let prerm = std::fs::read_to_string(ctl.join("prerm")).unwrap();
+    assert!(prerm.contains("deb-systemd-invoke stop rpcd.service"), "{prerm}");
+    let postrm = std::fs::read_to_string(ctl.join("postrm")).unwrap();
+    assert!(postrm.contains("deb-systemd-helper purge rpcd.service"), "{postrm}");
+}
+
+fn check_rpm(rpm: &Path, scratch: &Path) {
+    let q = |what: &str, args: &[&str]| run(what, Command::new("rpm").arg("-qp").args(args).arg(rpm));
+    let flags = q("rpm -qp file flags", &["--queryformat", "[%{FILEFLAGS:fflags} %{FILENAMES}\n]"]);
+    assert!(flags.lines().any(|l| l == "cn /etc/rpcd.toml"), "/etc/rpcd.toml is not %config(noreplace):\n{flags}");
+    let scripts = q("rpm -qp --scripts", &["--scripts"]);
+    for s in [
+        "preinstall scriptlet",
+        "systemd-sysusers --replace=/usr/lib/sysusers.d/rpcd.conf",
+        "postinstall scriptlet",
+        "preset rpcd.service",
+        "preuninstall scriptlet",
+        "disable --now rpcd.service",
+        "postuninstall scriptlet",
+        "try-restart rpcd.service",
+    ] {
+        assert!(scripts.contains(s), "rpm scriptlets lack {s:?}:\n{scripts}");
+    }
+    let requires = q("rpm -qp --requires", &["--requires"]);
+    assert!(requires.contains("libc.so.6()(64bit)") && requires.lines().any(|l| l == "systemd"), "{requires}");
+    // Where its files land: installed into a scratch root, without scripts.
+    let root = scratch.join("rpm");
+    std::fs::create_dir_all(&root).unwrap();
+    run(
+        "rpm --root -i",
+        Command::new("rpm")
+            .arg("--root")
+            .arg(&root)
+            .args(["--dbpath", "/rpmdb", "--nodeps", "--noscripts", "--nosignature", "-i"])
+            .arg(rpm),
+    );
+    std::fs::remove_dir_all(root.join("rpmdb")).unwrap();
+    check_payload(".rpm", &root, &[]);
+}
+
+/// Serialises the root test across concurrent test runs on one machine
+/// (the lock is held while the file is open).
+struct Lock(#[allow(dead_code)] std::fs::File);
+
+impl Lock {
+    fn take() -> Lock {
+        let f = std::fs::File::create("/run/lock/rpcd-packaging-test.lock").unwrap();
+        assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+        Lock(f)
+    }
+}
+
+/// Ends the namespace's systemd and purges the package whatever happened.
+struct E2eCleanup(PathBuf);
+
+impl Drop for E2eCleanup {
+    fn drop(&mut self) {
+        let st = Command::new(repo().join("packaging/e2e-systemd")).arg("--cleanup").arg(&self.0).status();
+        if !matches!(st, Ok(s) if s.success()) {
+            eprintln!("packaging/e2e-systemd --cleanup {}: {st:?}", self.0.display());
+        }
+        let _ = std::fs::remove_dir(&self.0); // once empty
+    }
+}
+
+#[test]
+fn packages_build_lint_install_and_run_under_systemd() {
+    if unsafe { libc::geteuid() } != 0 {
+        println!(
+            "SKIPPED packages_build_lint_install_and_run_under_systemd: needs root (dpkg -i, namespaces, \
+             systemd as PID 1); CI runs as root"
+        );
+        return;
+    }
+    let t = Instant::now();
+    let _lock = Lock::take();
+    let scratch = tempfile::tempdir().unwrap();
+    run("packaging/build-packages", &mut Command::new("packaging/build-packages"));
+    run("packaging/lint-packages", &mut Command::new("packaging/lint-packages"));
+    let out = repo().join("target/packages");
+    let deb = one_file(&out, "rpcd_", ".deb");
+    let rpm = one_file(&out, "rpcd-", ".rpm");
+    check_deb(&deb, scratch.path());
+    check_rpm(&rpm, scratch.path());
+    // A fixed place, so that a run killed before its clean-up (SIGKILL skips
+    // both the script's trap and Drop) is cleaned up by the next one.
+    let state = PathBuf::from("/run/rpcd-packaging-e2e");
+    drop(E2eCleanup(state.clone()));
+    std::fs::create_dir_all(&state).unwrap();
+    let _cleanup = E2eCleanup(state.clone());
+    let log = run("packaging/e2e-systemd", Command::new("packaging/e2e-systemd").arg("--state").arg(&state).arg(&deb));
+    assert!(log.contains("e2e: PASS"), "{log}");
+    println!("packaging end to end: {:.0} s", t.elapsed().as_secs_f64());
+}
