@@ -100,8 +100,12 @@ pub fn parse_node(node: &str, data: &[u8]) -> Result<Server, String> {
 }
 
 async fn read_servers(client: &zk::Client, root: &str, mut children: Vec<String>, warned: &mut HashSet<String>) -> Vec<Server> {
+    // By sequence number: the last 10 characters of a sequential node's name.
     children.sort_by(|a, b| {
-        let seq = |s: &str| s.chars().rev().take(10).collect::<String>();
+        let seq = |s: &str| {
+            let n = s.chars().count();
+            s.chars().skip(n.saturating_sub(10)).collect::<String>()
+        };
         seq(a).cmp(&seq(b)).then(a.cmp(b))
     });
     let mut out = Vec::new();

@@ -45,7 +45,7 @@ pub struct Handle {
 impl Handle {
     pub fn start(cfg: &ZkConfig, events: mpsc::UnboundedSender<Status>) -> Handle {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(Registrar { cfg: cfg.clone(), events, rx, payload: None, node: None, deregistering: false }.run());
+        tokio::spawn(Registrar { cfg: cfg.clone(), events, rx, payload: None, node: None, deregistering: false, old: None }.run());
         Handle { tx }
     }
     /// Registers (or updates the node's data).
@@ -75,6 +75,7 @@ pub fn advertised(cfg: &Config, bound: SocketAddr) -> Result<(String, u16), Stri
     }
     let (hosts, _) = crate::zk::split_chroot(&cfg.zookeeper.hosts);
     let first = hosts.split(',').next().unwrap_or("").trim();
+    let first = first.split_once("://").map(|(_, h)| h).unwrap_or(first);
     let first = if first.contains(':') { first.to_string() } else { format!("{first}:2181") };
     let derived = crate::config::resolve_addr(&first).ok().and_then(|zk| {
         let s = UdpSocket::bind(if zk.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }).ok()?;
@@ -94,27 +95,75 @@ struct Registrar {
     events: mpsc::UnboundedSender<Status>,
     rx: mpsc::UnboundedReceiver<Cmd>,
     payload: Option<Value>,
+    /// Our node in the current session.
     node: Option<String>,
     deregistering: bool,
+    /// The registration we are moving away from after a reload changed
+    /// hosts/root/prefix: its session and node are kept until the node at
+    /// the new place exists, so that there is no moment without one.
+    old: Option<(zk::Client, Option<String>)>,
 }
 
 /// Why a session ended.
 enum End {
     /// The session expired or closed: open a new one.
     Lost,
-    /// The registration moved to a new ensemble/path; keep going there.
+    /// The registration moves to a new ensemble/path; keep going there.
     Moved,
     /// Deregistered: the task is done.
     Done,
 }
 
+/// What a command means for a registration in progress.
+enum Next {
+    /// Keep going (the payload or a setting that needs no new session changed).
+    Continue,
+    /// The registration moves: new session, new place.
+    Move,
+    /// Deregister.
+    Stop,
+}
+
 impl Registrar {
     fn report(&self, state: ZkState) {
-        let _ = self.events.send(Status { state, node: self.node.clone() });
+        // While moving, the old node is still our registration.
+        let node = self.node.clone().or_else(|| self.old.as_ref().and_then(|(_, n)| n.clone()));
+        let _ = self.events.send(Status { state, node });
     }
 
     fn timeout(&self) -> Duration {
         Duration::from_millis(self.cfg.session_timeout_ms)
+    }
+
+    fn moves(&self, c: &ZkConfig) -> bool {
+        c.hosts != self.cfg.hosts
+            || c.root != self.cfg.root
+            || c.node_prefix != self.cfg.node_prefix
+            || c.session_timeout_ms != self.cfg.session_timeout_ms
+    }
+
+    /// Applies a command that arrived while not registered (yet).
+    fn absorb(&mut self, cmd: Option<Cmd>) -> Next {
+        match cmd {
+            Some(Cmd::Publish(p)) => {
+                self.payload = Some(p);
+                Next::Continue
+            }
+            Some(Cmd::Reconfigure(c, p)) => {
+                self.payload = Some(p);
+                let moves = self.moves(&c);
+                self.cfg = c;
+                if moves {
+                    Next::Move
+                } else {
+                    Next::Continue
+                }
+            }
+            Some(Cmd::Deregister) | None => {
+                self.deregistering = true;
+                Next::Stop
+            }
+        }
     }
 
     async fn run(mut self) {
@@ -123,18 +172,11 @@ impl Registrar {
         loop {
             // Nothing to do until the workers are ready.
             while self.payload.is_none() && !self.deregistering {
-                match self.rx.recv().await {
-                    Some(Cmd::Publish(p)) => self.payload = Some(p),
-                    Some(Cmd::Reconfigure(c, p)) => {
-                        self.cfg = c;
-                        self.payload = Some(p);
-                    }
-                    Some(Cmd::Deregister) | None => self.deregistering = true,
-                }
+                let cmd = self.rx.recv().await;
+                self.absorb(cmd);
             }
             if self.deregistering {
-                self.node = None;
-                self.report(ZkState::Deregistered);
+                self.deregister(None).await;
                 return;
             }
             self.report(ZkState::Connecting);
@@ -145,10 +187,9 @@ impl Registrar {
             let client = loop {
                 tokio::select! {
                     r = &mut connecting => break Some(r),
-                    cmd = self.rx.recv() => match cmd {
-                        Some(Cmd::Publish(p)) => self.payload = Some(p),
-                        Some(Cmd::Reconfigure(c, p)) => { self.cfg = c; self.payload = Some(p); break None; }
-                        Some(Cmd::Deregister) | None => { self.deregistering = true; break None; }
+                    cmd = self.rx.recv() => match self.absorb(cmd) {
+                        Next::Continue => {}
+                        Next::Move | Next::Stop => break None,
                     },
                 }
             };
@@ -162,10 +203,9 @@ impl Registrar {
                     loop {
                         tokio::select! {
                             _ = &mut sleep => break,
-                            cmd = self.rx.recv() => match cmd {
-                                Some(Cmd::Publish(p)) => self.payload = Some(p),
-                                Some(Cmd::Reconfigure(c, p)) => { self.cfg = c; self.payload = Some(p); break; }
-                                Some(Cmd::Deregister) | None => { self.deregistering = true; break; }
+                            cmd = self.rx.recv() => match self.absorb(cmd) {
+                                Next::Continue => {}
+                                Next::Move | Next::Stop => break,
                             },
                         }
                     }
@@ -181,99 +221,64 @@ impl Registrar {
         }
     }
 
-    /// Creates our node in this session, unless one of ours exists already
-    /// (a create whose answer was lost). Deletes nodes of ours left by
-    /// earlier sessions. Returns the node path.
-    async fn register(&self, client: &zk::Client) -> Result<String, zk::Error> {
-        let root = &self.cfg.root;
-        let payload = self.payload.as_ref().expect("payload");
-        let data = serde_json::to_vec(payload).unwrap_or_default();
-        client.mkdir(root, &PERSISTENT).await?;
-        let prefix = join(root, &self.cfg.node_prefix);
-        let path = match self.find_ours(client, true).await? {
-            Some(existing) => existing,
-            None => {
-                let (_, seq) = client.create(&prefix, &data, &EPHEMERAL_SEQUENTIAL).await?;
-                format!("{prefix}{seq}")
-            }
-        };
-        // Stale nodes of this daemon from an older session: delete them.
-        let sid = client.session_id().0;
-        for (child, owner) in self.ours(client).await? {
-            if owner != sid && child != path {
-                match client.delete(&child, None).await {
-                    Ok(()) => log::warn!("zookeeper: deleted stale node {child} of an old session"),
-                    Err(zk::Error::NoNode) => {}
-                    Err(e) => log::warn!("zookeeper: cannot delete stale node {child}: {e}"),
-                }
-            }
-        }
-        Ok(path)
-    }
-
-    /// Nodes under root that belong to this daemon (same pid, start time,
-    /// host and port), with their ephemeral owner.
-    async fn ours(&self, client: &zk::Client) -> Result<Vec<(String, i64)>, zk::Error> {
-        let Some(me) = &self.payload else { return Ok(vec![]) };
-        let key = |v: &Value| (v.get("pid").cloned(), v.get("started").cloned(), v.get("host").cloned(), v.get("port").cloned());
-        let mine = key(me);
-        let mut out = Vec::new();
-        let children = match client.list_children(&self.cfg.root).await {
-            Ok(c) => c,
-            Err(zk::Error::NoNode) => return Ok(out),
-            Err(e) => return Err(e),
-        };
-        for c in children {
-            if !c.starts_with(&self.cfg.node_prefix) {
-                continue;
-            }
-            let path = join(&self.cfg.root, &c);
-            let Ok((data, stat)) = client.get_data(&path).await else { continue };
-            if stat.ephemeral_owner == 0 {
-                continue;
-            }
-            if let Ok(v) = serde_json::from_slice::<Value>(&data) {
-                if key(&v) == mine {
-                    out.push((path, stat.ephemeral_owner));
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    async fn find_ours(&self, client: &zk::Client, this_session: bool) -> Result<Option<String>, zk::Error> {
-        let sid = client.session_id().0;
-        Ok(self.ours(client).await?.into_iter().find(|(_, o)| (*o == sid) == this_session).map(|(p, _)| p))
-    }
-
     async fn session(&mut self, client: zk::Client) -> End {
         let mut states = client.state_watcher();
         let t = self.timeout();
-        // Register, retrying while the session lives.
+        // Register, retrying while the session lives; commands are handled meanwhile.
         loop {
             if self.deregistering {
-                return self.deregister(client).await;
+                return self.deregister(Some(client)).await;
             }
-            match tokio::time::timeout(t, self.register(&client)).await {
-                Ok(Ok(path)) => {
-                    log::info!("zookeeper: registered {path} (session {})", client.session_id());
-                    self.node = Some(path);
-                    self.report(ZkState::Registered);
-                    break;
-                }
-                Ok(Err(zk::Error::SessionExpired | zk::Error::ClientClosed)) => {
-                    self.node = None;
-                    return End::Lost;
-                }
-                Ok(Err(e)) => log::warn!("zookeeper: cannot register: {e}; retrying"),
-                Err(_) => log::warn!("zookeeper: registration timed out; retrying"),
-            }
+            let (cfg, payload) = (self.cfg.clone(), self.payload.clone().expect("payload"));
+            let failed = tokio::select! {
+                r = tokio::time::timeout(t, register(&client, &cfg, &payload)) => match r {
+                    Ok(Ok(path)) => {
+                        log::info!("zookeeper: registered {path} (session {})", client.session_id());
+                        self.node = Some(path);
+                        self.report(ZkState::Registered);
+                        break;
+                    }
+                    Ok(Err(zk::Error::SessionExpired | zk::Error::ClientClosed)) => {
+                        self.node = None;
+                        return End::Lost;
+                    }
+                    Ok(Err(e)) => format!("cannot register: {e}"),
+                    Err(_) => "registration timed out".to_string(),
+                },
+                // A command aborts this attempt; a create already sent is
+                // found again by the next one (same session), or goes with
+                // the session when it closes.
+                cmd = self.rx.recv() => match self.absorb(cmd) {
+                    Next::Continue | Next::Stop => continue,
+                    Next::Move => {
+                        close(client).await;
+                        return End::Moved;
+                    }
+                },
+            };
+            log::warn!("zookeeper: {failed}; retrying");
             if client.state().is_terminated() {
                 self.node = None;
                 return End::Lost;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            let sleep = tokio::time::sleep(Duration::from_millis(500));
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    cmd = self.rx.recv() => match self.absorb(cmd) {
+                        Next::Continue => {}
+                        Next::Stop => break,
+                        Next::Move => {
+                            close(client).await;
+                            return End::Moved;
+                        }
+                    },
+                }
+            }
         }
+        // Registered at the new place: now leave the old one.
+        self.retire_old().await;
         loop {
             tokio::select! {
                 s = states.changed() => match s {
@@ -300,23 +305,22 @@ impl Registrar {
                     }
                     Some(Cmd::Reconfigure(c, p)) => {
                         self.payload = Some(p);
-                        let moved = c.hosts != self.cfg.hosts || c.root != self.cfg.root
-                            || c.node_prefix != self.cfg.node_prefix || c.session_timeout_ms != self.cfg.session_timeout_ms;
-                        if !moved {
+                        if !self.moves(&c) {
                             self.cfg = c;
                             self.update(&client).await;
                             continue;
                         }
-                        // Register at the new place first, then leave the old one:
-                        // no window without a registration.
-                        let old_node = self.node.clone();
-                        let old_cfg = std::mem::replace(&mut self.cfg, c);
-                        log::info!("zookeeper: moving registration to {} {}", self.cfg.hosts, self.cfg.root);
-                        return self.moved(client, old_node, old_cfg).await;
+                        // Register at the new place first, then leave this
+                        // one: no window without a registration.
+                        log::info!("zookeeper: moving registration from {} {} to {} {}", self.cfg.hosts, self.cfg.root, c.hosts, c.root);
+                        self.cfg = c;
+                        self.retire_old().await;
+                        self.old = Some((client, self.node.take()));
+                        return End::Moved;
                     }
                     Some(Cmd::Deregister) | None => {
                         self.deregistering = true;
-                        return self.deregister(client).await;
+                        return self.deregister(Some(client)).await;
                     }
                 },
             }
@@ -333,64 +337,140 @@ impl Registrar {
         }
     }
 
-    async fn moved(&mut self, old: zk::Client, old_node: Option<String>, _old_cfg: ZkConfig) -> End {
-        let t = self.timeout();
-        let new = match tokio::time::timeout(t, connect(&self.cfg.hosts, t)).await {
-            Ok(Ok(c)) => Some(c),
-            _ => None,
-        };
-        let registered = match &new {
-            Some(c) => match tokio::time::timeout(t, self.register(c)).await {
-                Ok(Ok(path)) => Some(path),
-                _ => None,
-            },
-            None => None,
-        };
-        if let Some(n) = &old_node {
-            let _ = tokio::time::timeout(t, old.delete(n, None)).await;
-        }
-        close(old).await;
-        match (new, registered) {
-            (Some(c), Some(path)) => {
-                log::info!("zookeeper: registered {path}");
-                self.node = Some(path);
-                self.report(ZkState::Registered);
-                Box::pin(self.session_after_register(c)).await
-            }
-            _ => {
-                log::warn!("zookeeper: the new ensemble is not reachable yet; retrying");
-                self.node = None;
-                self.report(ZkState::Connecting);
-                End::Moved
+    /// Deletes the node we moved away from and closes its session.
+    async fn retire_old(&mut self) {
+        let Some((client, node)) = self.old.take() else { return };
+        if let Some(node) = node {
+            match tokio::time::timeout(self.timeout(), client.delete(&node, None)).await {
+                Ok(Ok(())) | Ok(Err(zk::Error::NoNode)) => log::info!("zookeeper: deleted the old registration {node}"),
+                Ok(Err(e)) => log::warn!("zookeeper: cannot delete the old registration {node}: {e}; it expires with its session"),
+                Err(_) => log::warn!("zookeeper: deleting the old registration {node} timed out; it expires with its session"),
             }
         }
+        close(client).await;
     }
 
-    /// Continues a session whose node is already registered.
-    async fn session_after_register(&mut self, client: zk::Client) -> End {
-        // register() finds our node of this session and keeps it.
-        self.session(client).await
-    }
-
-    async fn deregister(&mut self, client: zk::Client) -> End {
+    /// Marks our node(s) draining, deletes them, closes the session(s),
+    /// waits `deregister_delay_ms` if there was a node, reports `deregistered`.
+    async fn deregister(&mut self, client: Option<zk::Client>) -> End {
         let t = Duration::from_secs(2).min(self.timeout());
-        if let Some(node) = self.node.take() {
-            if let Some(mut p) = self.payload.clone() {
-                p["state"] = Value::from("draining");
-                let data = serde_json::to_vec(&p).unwrap_or_default();
-                let _ = tokio::time::timeout(t, client.set_data(&node, &data, None)).await;
-            }
-            match tokio::time::timeout(t, client.delete(&node, None)).await {
+        let mut regs = Vec::new();
+        if let Some(c) = client {
+            regs.push((c, self.node.take()));
+        }
+        regs.extend(self.old.take());
+        let mut had_node = false;
+        for (client, node) in &regs {
+            let Some(node) = node else { continue };
+            had_node = true;
+            let _ = tokio::time::timeout(t, async {
+                let (data, stat) = client.get_data(node).await?;
+                let mut v: Value = serde_json::from_slice(&data).unwrap_or_else(|_| self.payload.clone().unwrap_or(Value::Null));
+                if v.is_object() {
+                    v["state"] = Value::from("draining");
+                    client.set_data(node, &serde_json::to_vec(&v).unwrap_or_default(), Some(stat.version)).await?;
+                }
+                Ok::<(), zk::Error>(())
+            })
+            .await;
+            match tokio::time::timeout(t, client.delete(node, None)).await {
                 Ok(Ok(())) | Ok(Err(zk::Error::NoNode)) => log::info!("zookeeper: deregistered {node}"),
                 Ok(Err(e)) => log::warn!("zookeeper: cannot delete {node}: {e}; it expires with the session"),
                 Err(_) => log::warn!("zookeeper: deleting {node} timed out; it expires with the session"),
             }
         }
-        close(client).await;
-        tokio::time::sleep(Duration::from_millis(self.cfg.deregister_delay_ms)).await;
+        for (client, _) in regs {
+            close(client).await;
+        }
+        if had_node {
+            tokio::time::sleep(Duration::from_millis(self.cfg.deregister_delay_ms)).await;
+        }
         self.report(ZkState::Deregistered);
         End::Done
     }
+}
+
+/// Creates our node in this session, unless this session has one already
+/// (a create whose answer was lost, or an earlier attempt): then its data is
+/// brought up to date. Deletes nodes of this daemon that older sessions left
+/// (a restarted server restores them until they time out). Returns the path.
+async fn register(client: &zk::Client, cfg: &ZkConfig, payload: &Value) -> Result<String, zk::Error> {
+    // Never advertise a wildcard address: clients could not reach it.
+    let host = payload.get("host").and_then(|h| h.as_str()).unwrap_or("");
+    if host.is_empty() || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified()) {
+        return Err(zk::Error::BadArguments(&"the advertised host is empty or a wildcard address; set server.advertise"));
+    }
+    let data = serde_json::to_vec(payload).unwrap_or_default();
+    if cfg.root != "/" {
+        client.mkdir(&cfg.root, &PERSISTENT).await?;
+    }
+    let sid = client.session_id().0;
+    let found = ours(client, cfg, payload).await?;
+    let mut mine = found.iter().filter(|n| n.owner == sid);
+    let path = match mine.next() {
+        Some(n) => {
+            if n.data != data {
+                client.set_data(&n.path, &data, None).await?;
+            }
+            n.path.clone()
+        }
+        None => {
+            let prefix = join(&cfg.root, &cfg.node_prefix);
+            let (_, seq) = client.create(&prefix, &data, &EPHEMERAL_SEQUENTIAL).await?;
+            format!("{prefix}{seq}")
+        }
+    };
+    // Anything else of ours goes: extra nodes of this session (never two),
+    // and nodes of older sessions.
+    for n in found.iter().filter(|n| n.path != path) {
+        match client.delete(&n.path, None).await {
+            Ok(()) if n.owner == sid => log::warn!("zookeeper: deleted a second node {} of this session", n.path),
+            Ok(()) => log::warn!("zookeeper: deleted stale node {} of an old session", n.path),
+            Err(zk::Error::NoNode) => {}
+            Err(e) => log::warn!("zookeeper: cannot delete stale node {}: {e}", n.path),
+        }
+    }
+    Ok(path)
+}
+
+struct Ours {
+    path: String,
+    owner: i64,
+    data: Vec<u8>,
+}
+
+/// Ephemeral nodes under root that are ours: owned by this session, or
+/// describing this daemon (same pid, start time, host and port).
+async fn ours(client: &zk::Client, cfg: &ZkConfig, me: &Value) -> Result<Vec<Ours>, zk::Error> {
+    let key = |v: &Value| (v.get("pid").cloned(), v.get("started").cloned(), v.get("host").cloned(), v.get("port").cloned());
+    let mine = key(me);
+    let sid = client.session_id().0;
+    let mut out = Vec::new();
+    let mut children = match client.list_children(&cfg.root).await {
+        Ok(c) => c,
+        Err(zk::Error::NoNode) => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    children.sort();
+    for c in children {
+        if !c.starts_with(&cfg.node_prefix) {
+            continue;
+        }
+        let path = join(&cfg.root, &c);
+        let (data, stat) = match client.get_data(&path).await {
+            Ok(r) => r,
+            Err(zk::Error::NoNode) => continue,
+            Err(e) => return Err(e),
+        };
+        if stat.ephemeral_owner == 0 {
+            continue;
+        }
+        let same_daemon = || serde_json::from_slice::<Value>(&data).is_ok_and(|v| key(&v) == mine);
+        if stat.ephemeral_owner == sid || same_daemon() {
+            out.push(Ours { path, owner: stat.ephemeral_owner, data });
+        }
+    }
+    Ok(out)
 }
 
 /// Closes a session and waits (briefly) until the server has it closed.
@@ -405,4 +485,32 @@ async fn close(client: zk::Client) {
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(hosts: &str, advertise: Option<&str>) -> Config {
+        let mut c = Config::default();
+        c.zookeeper.hosts = hosts.into();
+        c.server.advertise = advertise.map(String::from);
+        c
+    }
+
+    #[test]
+    fn a_wildcard_is_never_advertised() {
+        let any4: SocketAddr = "0.0.0.0:8001".parse().unwrap();
+        let any6: SocketAddr = "[::]:8001".parse().unwrap();
+        // The local address that routes to the first ZooKeeper host (no packet is sent).
+        assert_eq!(advertised(&cfg("127.0.0.1:2181,10.9.9.9:2181/chroot", None), any4).unwrap(), ("127.0.0.1".into(), 8001));
+        assert_eq!(advertised(&cfg("tcp://127.0.0.1:2181", None), any4).unwrap(), ("127.0.0.1".into(), 8001));
+        if std::net::UdpSocket::bind("[::1]:0").is_ok() {
+            assert_eq!(advertised(&cfg("[::1]:2181", None), any6).unwrap(), ("::1".into(), 8001));
+        }
+        // A concrete bound address as is; server.advertise wins.
+        assert_eq!(advertised(&cfg("127.0.0.1:2181", None), "127.0.0.2:9".parse().unwrap()).unwrap(), ("127.0.0.2".into(), 9));
+        assert_eq!(advertised(&cfg("127.0.0.1:2181", Some("127.0.0.3:7000")), any4).unwrap(), ("127.0.0.3".into(), 7000));
+        assert_eq!(advertised(&cfg("127.0.0.1:2181", Some("[::1]:7000")), any4).unwrap(), ("::1".into(), 7000));
+    }
 }

@@ -8,11 +8,21 @@ pub const EPHEMERAL_SEQUENTIAL: zk::CreateOptions<'static> =
     zk::CreateMode::EphemeralSequential.with_acls(zk::Acls::anyone_all());
 
 /// Splits `h1:2181,h2:2181/chroot` into the hosts and the chroot ("" if none).
+/// The `//` of a per-host scheme (`tcp://h1:2181`) does not start a chroot.
 pub fn split_chroot(connect: &str) -> (&str, &str) {
-    match connect.find('/') {
-        Some(i) => (&connect[..i], connect[i..].trim_end_matches('/')),
-        None => (connect, ""),
+    let b = connect.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i..].starts_with(b"://") {
+            i += 3;
+            continue;
+        }
+        if b[i] == b'/' {
+            return (&connect[..i], connect[i..].trim_end_matches('/'));
+        }
+        i += 1;
     }
+    (connect, "")
 }
 
 /// Opens a session. A missing chroot node is created first, so that a
@@ -41,5 +51,19 @@ pub fn join(parent: &str, child: &str) -> String {
         format!("/{child}")
     } else {
         format!("{parent}/{child}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chroot_is_split_off_after_the_last_host() {
+        assert_eq!(split_chroot("127.0.0.1:2181"), ("127.0.0.1:2181", ""));
+        assert_eq!(split_chroot("a:1,b:2/x/y/"), ("a:1,b:2", "/x/y"));
+        assert_eq!(split_chroot("[::1]:2181/x"), ("[::1]:2181", "/x"));
+        assert_eq!(split_chroot("tcp://a:1,tcp+tls://b:2"), ("tcp://a:1,tcp+tls://b:2", ""));
+        assert_eq!(split_chroot("tcp://a:1,tcp://b:2/x"), ("tcp://a:1,tcp://b:2", "/x"));
     }
 }
