@@ -185,11 +185,12 @@ fn a_hundred_sighups_in_a_second_coalesce() {
     let master_fds = open_fds(d.pid);
     let gen0 = d.status()["generation"].as_u64().unwrap();
     let t = Instant::now();
+    // A burst: pending signals of one kind merge, and reloads that arrive
+    // while one runs are coalesced into one more.
     for _ in 0..100 {
         kill(d.pid, libc::SIGHUP);
-        std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(t.elapsed() < Duration::from_secs(1));
     // Settles in one consistent generation with 2 serving workers.
     let v = wait_for("reloads to settle", Duration::from_secs(60), || {
         let v = d.status();
