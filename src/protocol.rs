@@ -80,10 +80,37 @@ impl<'de: 'a, 'a> Deserialize<'de> for Present<'a> {
     }
 }
 
+/// The method name, borrowed from the body unless it has escapes (a plain
+/// `Cow<str>` field would always allocate).
+struct Method<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Method<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Cow<'de, str>;
+            // As String's visitor says: error messages stay the same.
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Cow::Borrowed(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v))
+            }
+        }
+        d.deserialize_string(V).map(Method)
+    }
+}
+
 #[derive(Deserialize)]
 struct Request<'a> {
     #[serde(rename = "in", borrow)]
-    method: Option<Cow<'a, str>>,
+    method: Option<Method<'a>>,
     #[serde(default, borrow)]
     params: Present<'a>,
     #[serde(default, borrow)]
@@ -113,6 +140,11 @@ fn write_json_str(out: &mut Vec<u8>, s: &str) {
 
 /// Appends an error response frame.
 pub fn error_frame(out: &mut Vec<u8>, code: ErrorCode, message: &str, id: Option<&RawValue>) {
+    error_frame_id(out, code, message, id.map(RawValue::get));
+}
+
+/// [`error_frame`] with the raw text of the id.
+fn error_frame_id(out: &mut Vec<u8>, code: ErrorCode, message: &str, id: Option<&str>) {
     write_frame(out, |o| {
         o.extend_from_slice(b"{\"out\":\"error\",\"result\":{\"code\":\"");
         o.extend_from_slice(code.as_str().as_bytes());
@@ -121,13 +153,13 @@ pub fn error_frame(out: &mut Vec<u8>, code: ErrorCode, message: &str, id: Option
         o.push(b'}');
         if let Some(id) = id {
             o.extend_from_slice(b",\"id\":");
-            o.extend_from_slice(id.get().as_bytes());
+            o.extend_from_slice(id.as_bytes());
         }
         o.push(b'}');
     });
 }
 
-fn ok_frame(out: &mut Vec<u8>, tag: &str, result: &[u8], id: Option<&RawValue>) {
+fn ok_frame(out: &mut Vec<u8>, tag: &str, result: &[u8], id: Option<&str>) {
     write_frame(out, |o| {
         o.extend_from_slice(b"{\"out\":\"");
         o.extend_from_slice(tag.as_bytes());
@@ -135,10 +167,101 @@ fn ok_frame(out: &mut Vec<u8>, tag: &str, result: &[u8], id: Option<&RawValue>) 
         o.extend_from_slice(result);
         if let Some(id) = id {
             o.extend_from_slice(b",\"id\":");
-            o.extend_from_slice(id.get().as_bytes());
+            o.extend_from_slice(id.as_bytes());
         }
         o.push(b'}');
     });
+}
+
+/// Length of the JSON scalar at the front of `b` when it is one of the
+/// simple kinds: `null`, `true`, `false`, a number, or a string without
+/// escapes or control characters. None for anything else.
+fn simple_scalar_len(b: &[u8]) -> Option<usize> {
+    match *b.first()? {
+        b'n' => b.starts_with(b"null").then_some(4),
+        b't' => b.starts_with(b"true").then_some(4),
+        b'f' => b.starts_with(b"false").then_some(5),
+        b'"' => {
+            let end = b[1..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+            (b[1 + end] == b'"').then_some(end + 2)
+        }
+        b'-' | b'0'..=b'9' => {
+            let digits = |b: &[u8], mut i: usize| {
+                while b.get(i).is_some_and(u8::is_ascii_digit) {
+                    i += 1;
+                }
+                i
+            };
+            let mut i = usize::from(b[0] == b'-');
+            match b.get(i)? {
+                b'0' => i += 1,
+                b'1'..=b'9' => i = digits(b, i + 1),
+                _ => return None,
+            }
+            if b.get(i) == Some(&b'.') {
+                let j = digits(b, i + 1);
+                if j == i + 1 {
+                    return None;
+                }
+                i = j;
+            }
+            if matches!(b.get(i), Some(b'e' | b'E')) {
+                i += 1;
+                if matches!(b.get(i), Some(b'+' | b'-')) {
+                    i += 1;
+                }
+                let j = digits(b, i);
+                if j == i {
+                    return None;
+                }
+                i = j;
+            }
+            Some(i)
+        }
+        _ => None,
+    }
+}
+
+/// The fast path's parser: a request of exactly the form
+/// `{"in":"NAME","params":P}` or `{"in":"NAME","params":P,"id":I}`, without
+/// whitespace, NAME without escapes or control characters, P and I simple
+/// scalars. Returns (NAME, P, I) as slices of `text`; None sends the request
+/// the general way (serde_json), which answers these exactly the same.
+fn simple_request(text: &str) -> Option<(&str, &str, Option<&str>)> {
+    const IN: &[u8] = b"{\"in\":\"";
+    const PARAMS: &[u8] = b",\"params\":";
+    const ID: &[u8] = b",\"id\":";
+    let b = text.as_bytes();
+    let m0 = IN.len();
+    if !b.starts_with(IN) {
+        return None;
+    }
+    let m1 = m0 + b[m0..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+    if b[m1] != b'"' || !b[m1 + 1..].starts_with(PARAMS) {
+        return None;
+    }
+    let p0 = m1 + 1 + PARAMS.len();
+    let p1 = p0 + simple_scalar_len(&b[p0..])?;
+    // Every boundary below sits next to an ASCII byte: valid str indices.
+    if &b[p1..] == b"}" {
+        return Some((&text[m0..m1], &text[p0..p1], None));
+    }
+    if !b[p1..].starts_with(ID) {
+        return None;
+    }
+    let i0 = p1 + ID.len();
+    let i1 = i0 + simple_scalar_len(&b[i0..])?;
+    (&b[i1..] == b"}").then(|| (&text[m0..m1], &text[p0..p1], Some(&text[i0..i1])))
+}
+
+/// `pi`'s params as serde_json reads a u64: plain digits are taken here,
+/// anything else is left to serde_json.
+fn pi_terms(params: &str) -> Result<u64, ()> {
+    let b = params.as_bytes();
+    if !b.is_empty() && b.len() <= 19 && b.iter().all(u8::is_ascii_digit) && (b[0] != b'0' || b.len() == 1) {
+        return Ok(b.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')));
+    }
+    serde_json::from_str::<u64>(params).map_err(|_| ())
 }
 
 /// Deepest nesting accepted (as serde_json's own limit): a deeper echo
@@ -176,13 +299,26 @@ fn too_deep(b: &[u8]) -> bool {
 /// Handles one request body and appends exactly one response frame to `out`.
 /// Returns the error code when the request failed (for logging and counters).
 pub fn handle(body: &[u8], limits: &Limits, out: &mut Vec<u8>) -> Option<ErrorCode> {
-    let text = match std::str::from_utf8(body) {
-        Ok(t) => t,
-        Err(e) => {
-            error_frame(out, ErrorCode::BadJson, &format!("body is not UTF-8: {e}"), None);
-            return Some(ErrorCode::BadJson);
+    let text = if body.is_ascii() {
+        // SAFETY: ASCII is UTF-8 (and the check is much cheaper for short bodies).
+        unsafe { std::str::from_utf8_unchecked(body) }
+    } else {
+        match std::str::from_utf8(body) {
+            Ok(t) => t,
+            Err(e) => {
+                error_frame(out, ErrorCode::BadJson, &format!("body is not UTF-8: {e}"), None);
+                return Some(ErrorCode::BadJson);
+            }
         }
     };
+    if let Some((method, params, id)) = simple_request(text) {
+        return dispatch(method, params, id, limits, out);
+    }
+    handle_general(text, limits, out)
+}
+
+/// Any request, through serde_json.
+fn handle_general(text: &str, limits: &Limits, out: &mut Vec<u8>) -> Option<ErrorCode> {
     if text.len() > MAX_DEPTH && too_deep(text.as_bytes()) {
         let msg = format!("JSON nested deeper than {MAX_DEPTH} levels");
         error_frame(out, ErrorCode::BadJson, &msg, None);
@@ -207,21 +343,26 @@ pub fn handle(body: &[u8], limits: &Limits, out: &mut Vec<u8>) -> Option<ErrorCo
             return Some(code);
         }
     };
-    let id = req.id.0;
-    let Some(method) = req.method else {
-        error_frame(out, ErrorCode::BadRequest, "missing \"in\" (the method name)", id);
+    let id = req.id.0.map(RawValue::get);
+    let Some(Method(method)) = req.method else {
+        error_frame_id(out, ErrorCode::BadRequest, "missing \"in\" (the method name)", id);
         return Some(ErrorCode::BadRequest);
     };
     let Some(params) = req.params.0 else {
-        error_frame(out, ErrorCode::BadRequest, "missing \"params\"", id);
+        error_frame_id(out, ErrorCode::BadRequest, "missing \"params\"", id);
         return Some(ErrorCode::BadRequest);
     };
-    match &*method {
+    dispatch(&method, params.get(), id, limits, out)
+}
+
+/// Runs a method on its raw params text and appends the reply.
+fn dispatch(method: &str, params: &str, id: Option<&str>, limits: &Limits, out: &mut Vec<u8>) -> Option<ErrorCode> {
+    match method {
         "ping" => {
-            ok_frame(out, "pong", params.get().as_bytes(), id);
+            ok_frame(out, "pong", params.as_bytes(), id);
             None
         }
-        "pi" => match serde_json::from_str::<u64>(params.get()) {
+        "pi" => match pi_terms(params) {
             Ok(n) if n <= limits.pi_max_terms => {
                 let mut b = ryu::Buffer::new();
                 ok_frame(out, "pi_r", b.format_finite(pi(n)).as_bytes(), id);
@@ -229,17 +370,17 @@ pub fn handle(body: &[u8], limits: &Limits, out: &mut Vec<u8>) -> Option<ErrorCo
             }
             Ok(n) => {
                 let msg = format!("pi: n = {n} is over the limit of {} terms", limits.pi_max_terms);
-                error_frame(out, ErrorCode::BadParams, &msg, id);
+                error_frame_id(out, ErrorCode::BadParams, &msg, id);
                 Some(ErrorCode::BadParams)
             }
             Err(_) => {
-                error_frame(out, ErrorCode::BadParams, "pi: params must be an integer n >= 0", id);
+                error_frame_id(out, ErrorCode::BadParams, "pi: params must be an integer n >= 0", id);
                 Some(ErrorCode::BadParams)
             }
         },
         other => {
             let shown: String = other.chars().take(64).collect();
-            error_frame(out, ErrorCode::UnknownMethod, &format!("unknown method \"{shown}\""), id);
+            error_frame_id(out, ErrorCode::UnknownMethod, &format!("unknown method \"{shown}\""), id);
             Some(ErrorCode::UnknownMethod)
         }
     }
@@ -304,6 +445,37 @@ mod tests {
         handle(b"{\"in\":\"ping\",\"params\":\"\xff\"}", &L, &mut out);
         let v: Value = serde_json::from_slice(&out[4..]).unwrap();
         assert_eq!(code(&v), "bad_json");
+    }
+
+    #[test]
+    fn fast_path_answers_exactly_like_the_general_path() {
+        let scalars = [
+            "null", "nul", "true", "tru", "false", "0", "-0", "01", "-", "1.", "1.5", "1.5e", "1e5", "1E+5", "1e-5",
+            "-0.0e-0", "10000000", "10000001", "18446744073709551615", "18446744073709551616", "1e400", "\"\"",
+            "\"x\"", "\"x\\\"y\"", "\"\u{7f}\"", "\"\u{e9}\"", "\"a\tb\"", "\"\\u0041\"", "[]", "{}", "\"", "1 ", ".5",
+        ];
+        let methods = ["ping", "pi", "p", "pin", "PI", "", "p\\u0069", "\u{e9}", "x\ty"];
+        let tails = ["}", "} ", "}}", "", ",}"];
+        let (mut fast, mut n) = (0, 0);
+        for m in methods {
+            for p in scalars {
+                for (k, i) in std::iter::once(None).chain(scalars.iter().step_by(3).map(Some)).enumerate() {
+                    let t = tails[(n + k) % tails.len()];
+                    let body = match i {
+                        None => format!("{{\"in\":\"{m}\",\"params\":{p}{t}"),
+                        Some(i) => format!("{{\"in\":\"{m}\",\"params\":{p},\"id\":{i}{t}"),
+                    };
+                    let (mut a, mut b) = (Vec::new(), Vec::new());
+                    let ca = handle(body.as_bytes(), &L, &mut a);
+                    let cb = handle_general(&body, &L, &mut b);
+                    assert_eq!((ca, String::from_utf8_lossy(&a)), (cb, String::from_utf8_lossy(&b)), "{body}");
+                    fast += usize::from(simple_request(&body).is_some());
+                    n += 1;
+                }
+            }
+        }
+        assert!(fast > 100, "the fast path took only {fast} of {n}");
+        assert_eq!(simple_request(r#"{"in":"ping","params":null,"id":7}"#), Some(("ping", "null", Some("7"))));
     }
 
     #[test]
