@@ -11,30 +11,14 @@ failure."""
 import json
 import random
 import socket
-import struct
 import sys
 import threading
 import time
 
 from kazoo.client import KazooClient
 
-
-def recv_exact(sock, n):
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError("server closed the connection")
-        data += chunk
-    return data
-
-
-def call(sock, method, params):
-    body = json.dumps({"in": method, "params": params}).encode("utf-8")
-    sock.send(struct.pack("I", len(body)))
-    sock.send(body)
-    (n,) = struct.unpack("I", recv_exact(sock, 4))
-    return json.loads(recv_exact(sock, n).decode("utf-8"))
+# The framing of the original clients, shared with the interoperability test.
+from interop_client import call  # noqa: E402
 
 
 def main():

@@ -338,7 +338,8 @@ pub fn zk_available() -> bool {
     Path::new(ZK_JAR).exists() && Path::new("/usr/bin/java").exists()
 }
 
-fn four_letter(port: u16, cmd: &str) -> Option<String> {
+/// A ZooKeeper four-letter command (`ruok`, `cons`, ...) and its answer.
+pub fn four_letter(port: u16, cmd: &str) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     s.write_all(cmd.as_bytes()).ok()?;
