@@ -803,8 +803,12 @@ impl Master {
         })
         .await;
         let _ = std::fs::remove_file(&self.cur.cfg.control.socket);
+        // Give a busy service manager up to 100 ms to take what is queued.
         for _ in 0..20 {
             notify::flush();
+            if !notify::pending() {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         log::logger().flush();

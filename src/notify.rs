@@ -83,6 +83,11 @@ pub fn flush() {
     });
 }
 
+/// True while messages wait to be sent.
+pub fn pending() -> bool {
+    PENDING.with(|p| !p.borrow().is_empty())
+}
+
 pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::MainPid(std::process::id()), NotifyState::Status(status)]);
 }
