@@ -657,11 +657,11 @@ impl Master {
                 let new_id = self.cur.id;
                 op.old_pids = self.pool.retire(old.cfg.graceful_timeout(), |w| w.generation != new_id);
                 let _ = self.acl.send(Acl::from_config(&self.cur.cfg.control));
-                if let Err(e) = control::apply_mode(&old.cfg.control.clone_with(&self.cur.cfg.control)) {
+                if let Err(e) = control::apply_mode(&self.cur.cfg.control) {
                     op.warnings.push(e);
                 }
                 if let Some(zk) = &self.zk {
-                    zk.reconfigure(&self.cur.cfg.zookeeper, self.zk_payload_for(&self.cur));
+                    zk.reconfigure(&self.cur.cfg.zookeeper, self.zk_payload());
                 }
                 log::info!("reload: generation {new_id} is accepting; retiring {:?}", self.reload.as_ref().unwrap().old_pids);
             } else if Instant::now() > op.deadline {
@@ -711,9 +711,6 @@ impl Master {
         }
     }
 
-    fn zk_payload_for(&self, _g: &Gen) -> Value {
-        self.zk_payload()
-    }
 
     // ---- stop ----
 
@@ -818,17 +815,4 @@ impl Master {
 
 fn round3(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0).round() / 1000.0
-}
-
-trait CloneWith {
-    fn clone_with(&self, new: &crate::config::ControlConfig) -> crate::config::ControlConfig;
-}
-
-impl CloneWith for crate::config::ControlConfig {
-    /// The socket stays where it is; mode and group follow the new config.
-    fn clone_with(&self, new: &crate::config::ControlConfig) -> crate::config::ControlConfig {
-        let mut c = new.clone();
-        c.socket = self.socket.clone();
-        c
-    }
 }
