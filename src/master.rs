@@ -463,13 +463,18 @@ impl Master {
         }
     }
 
-    fn status_line(&self) -> String {
-        let phase = match self.phase {
+    /// The daemon's state as `status` and `STATUS=` name it.
+    fn state_name(&self) -> &'static str {
+        match self.phase {
             Phase::Starting => "starting",
             Phase::Serving if self.reload.is_some() => "reloading",
             Phase::Serving => "serving",
             Phase::Stopping => "stopping",
-        };
+        }
+    }
+
+    fn status_line(&self) -> String {
+        let phase = self.state_name();
         let serving = self.pool.workers.values().filter(|w| w.state == WState::Serving).count();
         let zk = match self.zk_status.state {
             ZkState::Disabled => "disabled",
@@ -535,12 +540,7 @@ impl Master {
                 Some(json!({"slot": i, "restarts": s.restarts, "respawn_in_secs": round3(at.saturating_duration_since(now))}))
             })
             .collect();
-        let state = match self.phase {
-            Phase::Starting => "starting",
-            Phase::Serving if self.reload.is_some() => "reloading",
-            Phase::Serving => "serving",
-            Phase::Stopping => "stopping",
-        };
+        let state = self.state_name();
         json!({
             "ok": true,
             "pid": std::process::id(),
