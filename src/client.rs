@@ -29,7 +29,10 @@ impl Response {
 pub enum CallError {
     /// Could not connect: nothing was sent.
     Connect(String),
-    /// The connection failed or closed before the reply.
+    /// The request could not be written whole: it did not run.
+    NotSent(String),
+    /// The connection failed or closed after the request was sent, before
+    /// the reply: it may have run.
     Lost(String),
     Timeout,
     /// The reply was not a valid frame or response.
@@ -40,6 +43,7 @@ impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         match self {
             CallError::Connect(s) => write!(f, "cannot connect: {s}"),
+            CallError::NotSent(s) => write!(f, "connection lost before the request was sent: {s}"),
             CallError::Lost(s) => write!(f, "connection lost before the reply: {s}"),
             CallError::Timeout => write!(f, "timed out"),
             CallError::Protocol(s) => write!(f, "protocol error: {s}"),
@@ -72,13 +76,24 @@ impl Conn {
         self.out.extend_from_slice(&(body.len() as u32).to_le_bytes());
         self.out.extend_from_slice(&body);
         match tokio::time::timeout(timeout, async {
-            self.stream.write_all(&self.out).await.map_err(|e| CallError::Lost(e.to_string()))?;
+            self.stream.write_all(&self.out).await.map_err(|e| CallError::NotSent(e.to_string()))?;
             self.read_reply().await
         })
         .await
         {
             Ok(r) => r,
             Err(_) => Err(CallError::Timeout),
+        }
+    }
+
+    /// Whether the server has closed this (idle) connection, as a draining
+    /// server does: then a request must go on a fresh one.
+    pub fn is_stale(&self) -> bool {
+        let mut b = [0u8; 1];
+        match self.stream.try_read(&mut b) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            // EOF, an error, or bytes nobody asked for: unusable.
+            _ => true,
         }
     }
 
@@ -119,6 +134,9 @@ pub struct Caller {
     pub timeout: Duration,
     pub attempts: usize,
     pub down_for: Duration,
+    /// Retry calls that may have run (a connection lost after the request
+    /// was sent) on another server. None: only for `ping` and `pi`.
+    pub idempotent: Option<bool>,
 }
 
 /// What a successful call returns: the server that answered, and its reply.
@@ -139,6 +157,7 @@ impl Caller {
             timeout: Duration::from_secs(10),
             attempts: 6,
             down_for: Duration::from_secs(2),
+            idempotent: None,
         }
     }
 
@@ -159,10 +178,13 @@ impl Caller {
         Some(up[i].addr())
     }
 
-    /// Calls `method`. Connection failures, closes before the reply and
-    /// `shutting_down`/`overloaded` answers are retried on another server
-    /// (the built-in methods are idempotent); timeouts are errors.
+    /// Calls `method`, retrying on another server where SPEC §2 allows it:
+    /// when the request provably did not run (no connection, not sent, or
+    /// answered `shutting_down`, `overloaded` or `unavailable`), and, for
+    /// idempotent methods (`ping`, `pi`, or [`Caller::idempotent`]), when
+    /// the connection was lost after sending. Timeouts are errors.
     pub async fn call(&mut self, method: &str, params: &Value) -> Result<Answer, String> {
+        let idempotent = self.idempotent.unwrap_or(matches!(method, "ping" | "pi"));
         let mut last_err = String::from("no server available");
         let deadline = Instant::now() + self.timeout;
         let mut attempt = 0;
@@ -178,6 +200,9 @@ impl Caller {
             };
             attempt += 1;
             let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            if self.conns.get(&addr).is_some_and(Conn::is_stale) {
+                self.conns.remove(&addr);
+            }
             let fresh = !self.conns.contains_key(&addr);
             if fresh {
                 match Conn::connect(&addr, left).await {
@@ -193,11 +218,15 @@ impl Caller {
             }
             let conn = self.conns.get_mut(&addr).unwrap();
             let failure = match conn.call(method, params, left).await {
-                Ok(resp) if matches!(resp.error_code(), Some("shutting_down" | "overloaded")) => format!("{addr}: {}", resp.result),
+                Ok(resp) if resp.error_code().is_some_and(crate::protocol::ErrorCode::retryable) => format!("{addr}: {}", resp.result),
                 Ok(response) => return Ok(Answer { server: addr, response, attempts: attempt }),
                 Err(CallError::Timeout) => {
                     self.conns.remove(&addr);
                     return Err(format!("{addr}: timed out after {:?}", self.timeout));
+                }
+                Err(e @ CallError::Lost(_)) if !idempotent => {
+                    self.conns.remove(&addr);
+                    return Err(format!("{addr}: {e} (it may have run; not retried: {method} is not idempotent)"));
                 }
                 Err(e) => format!("{addr}: {e}"),
             };

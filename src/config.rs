@@ -4,20 +4,38 @@
 //! the key and the line (`rpcd --check-config` prints them).
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_PATH: &str = "/etc/rpcd.toml";
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
     pub zookeeper: ZkConfig,
     pub control: ControlConfig,
     pub log: LogConfig,
-    pub methods: MethodsConfig,
+    /// `[methods.NAME]`: settings of built-in and in-process methods, and
+    /// the routes of handler-backed ones (SPEC §7).
+    pub methods: BTreeMap<String, MethodConfig>,
+    /// `[handlers.NAME]`: pools of handler processes (SPEC §7).
+    pub handlers: BTreeMap<String, HandlerConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            zookeeper: ZkConfig::default(),
+            control: ControlConfig::default(),
+            log: LogConfig::default(),
+            methods: BTreeMap::from([("pi".to_string(), MethodConfig { max_terms: Some(DEFAULT_PI_MAX_TERMS), ..Default::default() })]),
+            handlers: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -221,21 +239,103 @@ impl Default for LogConfig {
     }
 }
 
+/// `pi(n)` above this many terms is `bad_params` unless `[methods.pi]` says otherwise.
+pub const DEFAULT_PI_MAX_TERMS: u64 = 10_000_000;
+/// `[methods.NAME] timeout_ms` when unset.
+pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
+/// `[methods.NAME] queue` when unset.
+pub const DEFAULT_QUEUE: u32 = 64;
+
+/// `[methods.NAME]`. Which keys apply depends on the method: `max_terms`
+/// only to the built-in `pi`; `handler` and `queue` only to methods served
+/// by handler processes; `timeout_ms` to those and to in-process async ones.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct MethodsConfig {
-    pub pi: PiConfig,
+#[serde(deny_unknown_fields)]
+pub struct MethodConfig {
+    /// The `[handlers.NAME]` pool that serves this method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handler: Option<String>,
+    /// Deadline from receipt, queueing included; then `timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Requests waiting for a free handler process, per worker; then `overloaded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<u32>,
+    /// `pi` only: larger n is answered with `bad_params`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_terms: Option<u64>,
 }
 
+impl MethodConfig {
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS))
+    }
+    pub fn queue(&self) -> usize {
+        self.queue.unwrap_or(DEFAULT_QUEUE) as usize
+    }
+}
+
+/// `warmup = { in = "ping", params = ... }`: a request that a new handler
+/// process must answer (with anything but an error) before it takes traffic.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct PiConfig {
-    pub max_terms: u64,
+#[serde(deny_unknown_fields)]
+pub struct Warmup {
+    #[serde(rename = "in")]
+    pub method: String,
+    /// TOML has no null: leave `params` out to send null.
+    #[serde(default)]
+    pub params: serde_json::Value,
 }
 
-impl Default for PiConfig {
-    fn default() -> Self {
-        PiConfig { max_terms: 10_000_000 }
+fn default_dir() -> PathBuf {
+    PathBuf::from("/")
+}
+fn one() -> u32 {
+    1
+}
+fn default_kill_grace_ms() -> u64 {
+    1000
+}
+
+/// `[handlers.NAME]`: a pool of handler processes, `processes` per worker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerConfig {
+    /// argv, no shell. A bare program name is looked up in PATH when the
+    /// config is loaded (the handler's own environment starts empty).
+    pub exec: Vec<String>,
+    /// Working directory; a relative program path is taken from here.
+    #[serde(default = "default_dir")]
+    pub dir: PathBuf,
+    /// The environment is cleared, then this, then `RPCD_FD` and `RPCD_HANDLER`.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Handler processes per worker.
+    #[serde(default = "one")]
+    pub processes: u32,
+    /// Requests in flight per process (> 1: the handler answers by id).
+    #[serde(default = "one")]
+    pub max_inflight: u32,
+    /// Recycle a process after this many requests (0 = never) ...
+    #[serde(default)]
+    pub max_requests: u64,
+    /// ... plus a random 0..=jitter, so that they do not all recycle at once.
+    #[serde(default)]
+    pub max_requests_jitter: u64,
+    /// Recycle a process whose RSS is above this (0 = never).
+    #[serde(default)]
+    pub max_rss_mb: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<Warmup>,
+    /// After EOF on its channel a handler has this long to exit, then
+    /// SIGTERM to its process group, then after as long again SIGKILL.
+    #[serde(default = "default_kill_grace_ms")]
+    pub kill_grace_ms: u64,
+}
+
+impl HandlerConfig {
+    pub fn kill_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.kill_grace_ms)
     }
 }
 
@@ -281,11 +381,32 @@ fn find_key(text: &str, path: &str) -> Option<usize> {
     None
 }
 
+/// The methods a binary serves in-process: rpcd's built-ins, plus a library
+/// user's own (see [`crate::methods`]). Config validation needs them to tell
+/// a handler route from a duplicate definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InProcess {
+    /// Name → whether it is asynchronous (only those take `timeout_ms`).
+    pub methods: BTreeMap<String, bool>,
+}
+
+impl InProcess {
+    /// The built-in methods only (`ping`, `pi`), as the `rpcd` binary has.
+    pub fn builtin() -> InProcess {
+        InProcess { methods: BTreeMap::from([("ping".to_string(), false), ("pi".to_string(), false)]) }
+    }
+}
+
 impl Config {
     /// Parses TOML text; `origin` names the file in error messages.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Config::parse_for(text, origin, &InProcess::builtin())
+    }
+
+    /// [`Config::parse`] for a binary that serves `in_process` methods.
+    pub fn parse_for(text: &str, origin: &str, in_process: &InProcess) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::new(text);
-        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             let offset = inner.span().map(|s| s.start).or_else(|| find_key(text, &path));
@@ -303,26 +424,140 @@ impl Config {
             }
         })?;
         cfg.validate(text, origin)?;
+        cfg.validate_methods(text, origin, in_process)?;
         Ok(cfg)
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_for(path, &InProcess::builtin())
+    }
+
+    pub fn load_for(path: &Path, in_process: &InProcess) -> Result<Config, ConfigError> {
         let origin = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError(format!("{origin}: cannot read: {e}")))?;
-        Config::parse(&text, &origin)
+        Config::parse_for(&text, &origin, in_process)
+    }
+
+    /// `pi`'s limit of terms.
+    pub fn pi_max_terms(&self) -> u64 {
+        self.methods.get("pi").and_then(|m| m.max_terms).unwrap_or(DEFAULT_PI_MAX_TERMS)
+    }
+
+    /// Things worth saying that do not make the config invalid.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for name in self.handlers.keys() {
+            if !self.methods.values().any(|m| m.handler.as_deref() == Some(name.as_str())) {
+                out.push(format!("handlers.{name} serves no method (no [methods.*] has handler = \"{name}\"); its processes are started anyway"));
+            }
+        }
+        out
+    }
+
+    /// Handler processes per worker, over all pools.
+    pub fn handler_processes(&self) -> usize {
+        self.handlers.values().map(|h| h.processes as usize).sum()
+    }
+
+    /// The longest `kill_grace_ms` of any pool (zero without handlers).
+    pub fn max_kill_grace(&self) -> std::time::Duration {
+        self.handlers.values().map(|h| h.kill_grace()).max().unwrap_or_default()
+    }
+
+    /// Checks `[methods.*]` and `[handlers.*]`, and resolves each handler's
+    /// program to an absolute path.
+    fn validate_methods(&mut self, text: &str, origin: &str, in_process: &InProcess) -> Result<(), ConfigError> {
+        let err = |key: &str, msg: String| key_error(text, origin, key, msg);
+        for (name, h) in self.handlers.iter_mut() {
+            let key = |k: &str| format!("handlers.{name}.{k}");
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                return Err(err(&format!("handlers.{name}"), "a handler name is letters, digits, '_' and '-'".into()));
+            }
+            if !h.dir.is_absolute() {
+                return Err(err(&key("dir"), format!("\"{}\" must be an absolute path", h.dir.display())));
+            }
+            if !h.dir.is_dir() {
+                return Err(err(&key("dir"), format!("{} is not a directory", h.dir.display())));
+            }
+            let Some(prog) = h.exec.first() else {
+                return Err(err(&key("exec"), "must name a program: [\"/path/to/program\", \"arg\", ...]".into()));
+            };
+            let resolved = resolve_program(prog, &h.dir).map_err(|m| err(&key("exec"), m))?;
+            h.exec[0] = resolved.display().to_string();
+            if h.processes == 0 || h.processes > 256 {
+                return Err(err(&key("processes"), "must be between 1 and 256".into()));
+            }
+            if h.max_inflight == 0 || h.max_inflight > 1024 {
+                return Err(err(&key("max_inflight"), "must be between 1 and 1024".into()));
+            }
+            if h.kill_grace_ms == 0 || h.kill_grace_ms > 600_000 {
+                return Err(err(&key("kill_grace_ms"), "must be between 1 and 600000".into()));
+            }
+            if h.max_requests == 0 && h.max_requests_jitter > 0 {
+                return Err(err(&key("max_requests_jitter"), "needs max_requests > 0".into()));
+            }
+            for k in h.env.keys() {
+                if k.is_empty() || k.contains('=') || k.contains('\0') {
+                    return Err(err(&key("env"), format!("\"{k}\" is not an environment variable name")));
+                }
+                if k == "RPCD_FD" || k == "RPCD_HANDLER" {
+                    return Err(err(&key("env"), format!("{k} is set by rpcd")));
+                }
+            }
+            if h.env.values().any(|v| v.contains('\0')) {
+                return Err(err(&key("env"), "values must not contain NUL".into()));
+            }
+        }
+        for (name, m) in &self.methods {
+            let key = |k: &str| format!("methods.{name}.{k}");
+            if name.is_empty() {
+                return Err(err("methods", "a method name must not be empty".into()));
+            }
+            let builtin_pi = name == "pi" && in_process.methods.contains_key("pi");
+            if m.max_terms.is_some() && !builtin_pi {
+                return Err(err(&key("max_terms"), "only the built-in method pi takes max_terms".into()));
+            }
+            if let Some(&is_async) = in_process.methods.get(name) {
+                if let Some(h) = &m.handler {
+                    return Err(err(
+                        &key("handler"),
+                        format!("method {name} is defined twice: it is served in-process by this binary and routed to handler \"{h}\" here"),
+                    ));
+                }
+                if m.queue.is_some() {
+                    return Err(err(&key("queue"), format!("method {name} is served in-process: queue applies to handler methods only")));
+                }
+                if m.timeout_ms.is_some() && !is_async {
+                    return Err(err(&key("timeout_ms"), format!("method {name} answers at once in-process: timeout_ms applies to handler and async methods only")));
+                }
+                continue;
+            }
+            let Some(h) = &m.handler else {
+                return Err(err(&format!("methods.{name}"), format!("method {name} is not built in: it needs handler = \"NAME\" of a [handlers.NAME] pool")));
+            };
+            if !self.handlers.contains_key(h) {
+                let known: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
+                return Err(err(&key("handler"), format!("no [handlers.{h}] is defined (handlers: {})", if known.is_empty() { "none".into() } else { known.join(", ") })));
+            }
+            if m.timeout_ms == Some(0) {
+                return Err(err(&key("timeout_ms"), "must be at least 1".into()));
+            }
+            if m.queue.is_some_and(|q| q > 1_000_000) {
+                return Err(err(&key("queue"), "must be at most 1000000".into()));
+            }
+        }
+        for (name, h) in &self.handlers {
+            if let Some(w) = &h.warmup {
+                if w.method.is_empty() {
+                    return Err(err(&format!("handlers.{name}.warmup"), "`in` must name a method".into()));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn validate(&self, text: &str, origin: &str) -> Result<(), ConfigError> {
-        let err = |key: &str, msg: String| {
-            let at = match find_key(text, key) {
-                Some(o) => {
-                    let (l, c) = line_col(text, o);
-                    format!("{origin}:{l}:{c}")
-                }
-                None => origin.to_string(),
-            };
-            ConfigError(format!("{at}: key `{key}`: {msg}"))
-        };
+        let err = |key: &str, msg: String| key_error(text, origin, key, msg);
         let s = &self.server;
         resolve_addr(&s.listen).map_err(|m| err("server.listen", m))?;
         if let Some(a) = &s.advertise {
@@ -369,7 +604,7 @@ impl Config {
         if let Some(g) = &self.control.group {
             resolve_group(g).map_err(|m| err("control.group", m))?;
         }
-        if self.methods.pi.max_terms > (1u64 << 50) {
+        if self.pi_max_terms() > (1u64 << 50) {
             return Err(err("methods.pi.max_terms", "must be at most 2^50".into()));
         }
         Ok(())
@@ -383,6 +618,56 @@ impl Config {
     pub fn graceful_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.server.graceful_timeout_secs)
     }
+
+    /// How long a retired worker has before SIGKILL: the drain, then (with
+    /// handler pools) the kill ladder of its handler processes and a margin.
+    pub fn worker_grace(&self) -> std::time::Duration {
+        if self.handlers.is_empty() {
+            self.graceful_timeout()
+        } else {
+            self.graceful_timeout() + self.max_kill_grace() * 2 + std::time::Duration::from_secs(1)
+        }
+    }
+}
+
+/// An error at `key`, placed at its line when the text has it.
+fn key_error(text: &str, origin: &str, key: &str, msg: String) -> ConfigError {
+    let at = match find_key(text, key) {
+        Some(o) => {
+            let (l, c) = line_col(text, o);
+            format!("{origin}:{l}:{c}")
+        }
+        None => origin.to_string(),
+    };
+    ConfigError(format!("{at}: key `{key}`: {msg}"))
+}
+
+/// Where a program runs from: an absolute path as it is, a relative one
+/// with a '/' from `dir`, a bare name from PATH (or the usual directories).
+/// It must be an executable regular file.
+pub fn resolve_program(prog: &str, dir: &Path) -> Result<PathBuf, String> {
+    let candidates: Vec<PathBuf> = if prog.is_empty() {
+        return Err("the program name is empty".into());
+    } else if prog.starts_with('/') {
+        vec![PathBuf::from(prog)]
+    } else if prog.contains('/') {
+        vec![dir.join(prog)]
+    } else {
+        let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        let found: Vec<PathBuf> = path.split(':').filter(|d| d.starts_with('/')).map(|d| Path::new(d).join(prog)).collect();
+        if let Some(p) = found.iter().find(|p| p.is_file()) {
+            vec![p.clone()]
+        } else {
+            return Err(format!("program \"{prog}\" is not in PATH ({path}); give its absolute path"));
+        }
+    };
+    let p = &candidates[0];
+    let meta = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", p.display()));
+    }
+    nix::unistd::access(p, nix::unistd::AccessFlags::X_OK).map_err(|e| format!("{} is not executable: {}", p.display(), e.desc()))?;
+    Ok(p.clone())
 }
 
 /// Resolves `host:port` (`[v6]:port` allowed) to one socket address.
@@ -428,7 +713,8 @@ mod tests {
         assert_eq!(c.zookeeper.root, "/demo");
         assert_eq!(c.zookeeper.node_prefix, "rpc");
         assert_eq!(c.control.mode, "0660");
-        assert_eq!(c.methods.pi.max_terms, 10_000_000);
+        assert_eq!(c.pi_max_terms(), 10_000_000);
+        assert!(c.handlers.is_empty());
     }
 
     #[test]

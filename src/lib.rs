@@ -1,30 +1,94 @@
-//! rpcd: a small prefork RPC daemon with ZooKeeper registration.
+//! rpcd: a small prefork RPC daemon with ZooKeeper registration, as a
+//! program (`rpcd`, `rpcctl`) and as a library for building your own daemon
+//! with your methods in-process ([`methods`], [`main`]).
 //!
 //! Modules, by what they do:
 //! - [`config`]: `/etc/rpcd.toml`
-//! - [`protocol`]: frames, requests, replies, the built-in methods
+//! - [`protocol`]: frames, requests, replies, error codes
+//! - [`methods`]: the method table; the built-ins; the library API
+//! - [`handlers`]: handler processes, the user-defined methods in any language
 //! - [`master`]: the one loop of the master process
-//! - [`pool`]: worker processes; the kill-and-reap sequence
+//! - [`pool`]: child processes; the kill-and-reap sequence
 //! - [`worker`]: a worker process (`rpcd --worker`)
+//! - [`connection`], [`replies`]: a worker's client connections, in-order replies
 //! - [`control`]: the control socket, server and client side
 //! - [`registry`]: ZooKeeper registration of the daemon
-//! - [`client`]: the RPC client and ZooKeeper discovery used by `rpcctl`
+//! - [`client`], [`discovery`]: the RPC client and ZooKeeper discovery used by `rpcctl`
 //! - [`notify`]: sd_notify
 //! - [`logging`]: stderr / syslog logging
 
 pub mod client;
 pub mod config;
+pub mod connection;
 pub mod control;
+pub mod discovery;
+pub mod handlers;
 pub mod logging;
 pub mod master;
+pub mod methods;
 pub mod notify;
 pub mod pool;
 pub mod protocol;
 pub mod registry;
+pub mod replies;
 pub mod worker;
-pub mod discovery;
 pub mod zk;
+
+pub use methods::{MethodError, Methods};
 
 /// serde_json as rpcd uses it (for the fuzz targets).
 #[doc(hidden)]
 pub use serde_json as serde_json_reexport;
+
+use clap::{CommandFactory, FromArgMatches, Parser};
+use std::path::PathBuf;
+
+/// The daemon's command line (SPEC §5).
+#[derive(Parser)]
+#[command(name = "rpcd", version, about = "rpcd: prefork RPC daemon with ZooKeeper registration (runs in the foreground).")]
+struct Args {
+    /// Configuration file.
+    #[arg(short, long, value_name = "PATH", default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+    /// Validate the configuration, print the error if any, and exit (0 = valid, 1 = invalid).
+    #[arg(short = 't', long)]
+    check_config: bool,
+    /// Internal: run as a worker process spawned by the master.
+    #[arg(long, hide = true)]
+    worker: bool,
+}
+
+/// Runs the daemon with `methods` in-process: `rpcd [--config PATH]
+/// [--check-config]`, exactly as the `rpcd` binary (which is
+/// `rpcd::main(Methods::new())`). Workers are this same binary run with
+/// `--worker`, so they serve `methods` too. Never returns.
+pub fn main(methods: Methods) -> ! {
+    let name = std::env::args_os()
+        .next()
+        .and_then(|a| PathBuf::from(a).file_name().map(|n| n.to_string_lossy().into_owned()))
+        .filter(|n| !n.is_empty() && !n.starts_with("rpcd:"))
+        .unwrap_or_else(|| "rpcd".into());
+    let name: &'static str = Box::leak(name.into_boxed_str());
+    let matches = Args::command().name(name).bin_name(name).get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if args.worker {
+        worker::run(methods);
+    }
+    let in_process = methods.in_process();
+    let cfg = match config::Config::load_for(&args.config, &in_process) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{name}: configuration error: {e}");
+            std::process::exit(1);
+        }
+    };
+    if args.check_config {
+        for w in cfg.warnings() {
+            eprintln!("{name}: warning: {w}");
+        }
+        println!("{name}: configuration {} is valid", args.config.display());
+        std::process::exit(0);
+    }
+    logging::init(&cfg.log, "");
+    std::process::exit(master::run(args.config, cfg, in_process));
+}

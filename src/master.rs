@@ -4,10 +4,10 @@
 //! are all driven from [`Master::run`]. The kill-and-reap steps themselves
 //! live in [`crate::pool`].
 
-use crate::config::Config;
+use crate::config::{Config, InProcess};
 use crate::control::{self, Acl, Command as Ctl, Reply};
 use crate::notify;
-use crate::pool::{Pool, Reaped, WState, Worker};
+use crate::pool::{Backoff, Pool, Reaped, WState, Worker};
 use crate::registry::{self, ZkState};
 use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
@@ -20,20 +20,22 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch};
 
 const TICK: Duration = Duration::from_millis(100);
-/// A worker that lived shorter than this counts as crashing.
-const MIN_HEALTHY_LIFE: Duration = Duration::from_secs(10);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 type Responder = oneshot::Sender<Reply>;
 
 enum WorkerMsg {
     Ready,
     Heartbeat { requests: u64, connections: u64 },
+    /// Its handler processes, by pool.
+    Handlers(std::collections::BTreeMap<String, Vec<i32>>),
+    /// It cannot start (a handler could not start or failed its warmup).
+    Fail(String),
+    /// The handler processes it reaped before exiting.
+    Reaped(Vec<Value>),
 }
 
 struct Slot {
-    restarts: u32,
-    failures: u32,
+    backoff: Backoff,
     respawn_at: Option<Instant>,
 }
 
@@ -51,7 +53,7 @@ impl Gen {
     fn new(id: u64, cfg: Config, addr: SocketAddr, listener: Rc<TcpListener>) -> Gen {
         let n = cfg.server.workers.resolve();
         let now = Instant::now();
-        let slots = (0..n).map(|_| Slot { restarts: 0, failures: 0, respawn_at: Some(now) }).collect();
+        let slots = (0..n).map(|_| Slot { backoff: Backoff::default(), respawn_at: Some(now) }).collect();
         Gen { id, cfg, addr, listener: Some(listener), slots }
     }
 }
@@ -62,7 +64,7 @@ struct ReloadOp {
     responders: Vec<Responder>,
     warnings: Vec<String>,
     old_pids: Vec<i32>,
-    reaped: Vec<Reaped>,
+    reaped: Vec<Value>,
     new_generation: u64,
 }
 
@@ -70,7 +72,7 @@ struct StopOp {
     responders: Vec<Responder>,
     /// Waiting for ZooKeeper deregistration until then; None once draining.
     deregister_until: Option<Instant>,
-    reaped: Vec<Reaped>,
+    reaped: Vec<Value>,
 }
 
 #[derive(PartialEq, Eq, Clone, Copy)]
@@ -82,6 +84,10 @@ enum Phase {
 
 pub struct Master {
     config_path: PathBuf,
+    /// What this binary serves in-process (for validating reloads).
+    in_process: InProcess,
+    /// Why the start failed (the daemon then stops and exits 1).
+    start_failure: Option<String>,
     cur: Gen,
     next_gen_id: u64,
     pool: Pool,
@@ -113,7 +119,7 @@ pub fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListe
 }
 
 /// Runs the daemon until it stops. Returns the exit code.
-pub fn run(config_path: PathBuf, cfg: Config) -> i32 {
+pub fn run(config_path: PathBuf, cfg: Config, in_process: InProcess) -> i32 {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -122,7 +128,7 @@ pub fn run(config_path: PathBuf, cfg: Config) -> i32 {
         }
     };
     rt.block_on(async move {
-        match Master::start(config_path, cfg).await {
+        match Master::start(config_path, cfg, in_process).await {
             Ok((m, rx, ctl_rx, zk_rx)) => m.run(rx, ctl_rx, zk_rx).await,
             Err(e) => {
                 log::error!("{e}");
@@ -141,7 +147,7 @@ type Started = (
 );
 
 impl Master {
-    async fn start(config_path: PathBuf, cfg: Config) -> Result<Started, String> {
+    async fn start(config_path: PathBuf, cfg: Config, in_process: InProcess) -> Result<Started, String> {
         let ctl_listener = control::bind(&cfg.control)?;
         let bound = (|| {
             let addr = cfg.listen_addr();
@@ -175,8 +181,17 @@ impl Master {
             cfg.server.workers.resolve(),
             config_path.display()
         );
+        for w in cfg.warnings() {
+            log::warn!("config: {w}");
+        }
+        // Handler processes orphaned by a worker that died are re-parented
+        // to the master (not to init), which kills and reaps them.
+        // SAFETY: prctl with constant arguments.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
         let m = Master {
             config_path,
+            in_process,
+            start_failure: None,
             cur: Gen::new(1, cfg, addr, Rc::new(listener)),
             next_gen_id: 2,
             pool: Pool::default(),
@@ -237,21 +252,34 @@ impl Master {
     // ---- events ----
 
     fn on_reap(&mut self) {
-        for (r, w) in self.pool.reap() {
+        let reaped = self.pool.reap();
+        if reaped.iter().any(|(_, w)| w.is_some()) {
+            // A worker that died may have left handler processes: they are
+            // ours now (subreaper). Their exits come through here too.
+            self.kill_orphans();
+        }
+        for (r, w) in reaped {
             let Some(w) = w else {
-                log::debug!("reaped untracked child {}: {}", r.pid, r.status);
+                log::info!("reaped orphaned child {}: {}", r.pid, r.status);
                 continue;
+            };
+            let with_handlers = |r: Reaped| {
+                let mut v = serde_json::to_value(&r).unwrap_or(Value::Null);
+                if !w.reaped_handlers.is_empty() || !w.handlers.is_empty() {
+                    v["handlers"] = Value::Array(w.reaped_handlers.clone());
+                }
+                v
             };
             if let Some(stop) = &mut self.stop {
                 log::info!("worker {} {}", r.pid, r.status);
-                stop.reaped.push(r);
+                stop.reaped.push(with_handlers(r));
                 continue;
             }
             if w.state == WState::Draining {
                 log::info!("retired worker {} {}", r.pid, r.status);
                 if let Some(op) = &mut self.reload {
                     if op.old_pids.contains(&r.pid) {
-                        op.reaped.push(r);
+                        op.reaped.push(with_handlers(r));
                     }
                 }
                 continue;
@@ -267,17 +295,7 @@ impl Master {
                 continue;
             };
             let slot = &mut gen.slots[w.slot];
-            slot.restarts += 1;
-            if w.spawned.elapsed() < MIN_HEALTHY_LIFE {
-                slot.failures += 1;
-            } else {
-                slot.failures = 1;
-            }
-            let delay = if slot.failures <= 1 {
-                Duration::ZERO
-            } else {
-                (Duration::from_millis(100) * 2u32.saturating_pow((slot.failures - 2).min(16))).min(MAX_BACKOFF)
-            };
+            let delay = slot.backoff.exited(w.spawned.elapsed());
             slot.respawn_at = Some(Instant::now() + delay);
             log::warn!(
                 "worker {} (slot {}) {} after {:.1}s; respawning in {:.1}s (restart {})",
@@ -286,8 +304,35 @@ impl Master {
                 r.status,
                 w.spawned.elapsed().as_secs_f64(),
                 delay.as_secs_f64(),
-                slot.restarts
+                slot.backoff.restarts
             );
+        }
+    }
+
+    /// Kills the children of the master that are not workers: handler
+    /// processes (and what they started) whose worker died and left them
+    /// to us. They normally die with their worker (PR_SET_PDEATHSIG); this
+    /// catches the rest, and their process groups.
+    fn kill_orphans(&self) {
+        let me = std::process::id() as i32;
+        let mut kids = Vec::new();
+        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+            for t in tasks.flatten() {
+                if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                    kids.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+                }
+            }
+        }
+        for pid in kids {
+            if pid == me || self.pool.workers.contains_key(&pid) {
+                continue;
+            }
+            log::warn!("killing orphaned process {pid} (a handler whose worker died, or its child)");
+            let target = match nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))) {
+                Ok(g) if g.as_raw() == pid => crate::pool::Target::Group(pid),
+                _ => crate::pool::Target::Process(pid),
+            };
+            target.send(nix::sys::signal::Signal::SIGKILL);
         }
     }
 
@@ -305,6 +350,29 @@ impl Master {
                 w.requests = requests;
                 w.connections = connections;
             }
+            WorkerMsg::Handlers(h) => w.handlers = h,
+            WorkerMsg::Reaped(r) => w.reaped_handlers = r,
+            WorkerMsg::Fail(why) => {
+                let (generation, slot) = (w.generation, w.slot);
+                log::error!("worker {pid} (generation {generation}, slot {slot}) cannot start: {why}");
+                self.worker_failed(pid, generation, why);
+            }
+        }
+    }
+
+    /// A worker reported that it cannot start: a reload's new generation
+    /// makes the reload fail; the first generation makes the start fail.
+    fn worker_failed(&mut self, pid: i32, generation: u64, why: String) {
+        if self.reload.as_ref().and_then(|op| op.next.as_ref()).is_some_and(|g| g.id == generation) {
+            self.abort_reload(&format!("reload failed: a worker of generation {generation} cannot start: {why}"));
+            return;
+        }
+        if self.phase == Phase::Starting && generation == self.cur.id && self.start_failure.is_none() {
+            let msg = format!("cannot start: {why}");
+            eprintln!("rpcd: {msg}");
+            self.start_failure = Some(msg);
+            self.pool.kill_now(pid, "failed to start");
+            self.begin_stop(None);
         }
     }
 
@@ -396,8 +464,11 @@ impl Master {
         }
         let Some(listener) = gen.listener.clone() else { return };
         let (cfg, id) = (gen.cfg.clone(), gen.id);
+        // A start or a reload fails when its workers' handlers cannot
+        // start; a worker replacing a crashed one serves anyway.
+        let strict = which_next || self.phase == Phase::Starting;
         for i in due {
-            match self.pool.spawn(&cfg, &listener, id, i) {
+            match self.pool.spawn(&cfg, &listener, id, i, strict) {
                 Ok((pid, chan)) => {
                     log::info!("started worker {pid} (generation {id}, slot {i})");
                     self.watch_channel(pid, chan);
@@ -430,6 +501,15 @@ impl Master {
                         let connections = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
                         WorkerMsg::Heartbeat { requests, connections }
                     }
+                    Some("handlers") => match serde_json::from_str(line["handlers".len()..].trim()) {
+                        Ok(h) => WorkerMsg::Handlers(h),
+                        Err(_) => continue,
+                    },
+                    Some("reaped") => match serde_json::from_str(line["reaped".len()..].trim()) {
+                        Ok(r) => WorkerMsg::Reaped(r),
+                        Err(_) => continue,
+                    },
+                    Some("fail") => WorkerMsg::Fail(line["fail".len()..].trim().to_string()),
                     _ => continue,
                 };
                 if tx.send((pid, msg)).is_err() {
@@ -508,14 +588,14 @@ impl Master {
             .values()
             .map(|w| {
                 let restarts = if w.generation == self.cur.id {
-                    self.cur.slots.get(w.slot).map(|s| s.restarts).unwrap_or(0)
+                    self.cur.slots.get(w.slot).map(|s| s.backoff.restarts).unwrap_or(0)
                 } else {
                     self.reload
                         .as_ref()
                         .and_then(|op| op.next.as_ref())
                         .filter(|g| g.id == w.generation)
                         .and_then(|g| g.slots.get(w.slot))
-                        .map(|s| s.restarts)
+                        .map(|s| s.backoff.restarts)
                         .unwrap_or(0)
                 };
                 json!({
@@ -527,6 +607,7 @@ impl Master {
                     "requests": w.requests,
                     "connections": w.connections,
                     "restarts": restarts,
+                    "handlers": w.handlers,
                 })
             })
             .collect();
@@ -537,7 +618,7 @@ impl Master {
             .enumerate()
             .filter_map(|(i, s)| {
                 let at = s.respawn_at?;
-                Some(json!({"slot": i, "restarts": s.restarts, "respawn_in_secs": round3(at.saturating_duration_since(now))}))
+                Some(json!({"slot": i, "restarts": s.backoff.restarts, "respawn_in_secs": round3(at.saturating_duration_since(now))}))
             })
             .collect();
         let state = self.state_name();
@@ -581,7 +662,7 @@ impl Master {
                 let _ = r.send(Reply { value: json!({"ok": false, "error": msg}), written: None });
             }
         };
-        let cfg = match Config::load(&self.config_path) {
+        let cfg = match Config::load_for(&self.config_path, &self.in_process) {
             Ok(c) => c,
             Err(e) => return fail(responders, e.to_string()),
         };
@@ -655,7 +736,7 @@ impl Master {
                 let next = op.next.take().unwrap();
                 let old = std::mem::replace(&mut self.cur, next);
                 let new_id = self.cur.id;
-                op.old_pids = self.pool.retire(old.cfg.graceful_timeout(), |w| w.generation != new_id);
+                op.old_pids = self.pool.retire(old.cfg.worker_grace(), |w| w.generation != new_id);
                 let _ = self.acl.send(Acl::from_config(&self.cur.cfg.control));
                 if let Err(e) = control::apply_mode(&self.cur.cfg.control) {
                     op.warnings.push(e);
@@ -665,22 +746,8 @@ impl Master {
                 }
                 log::info!("reload: generation {new_id} is accepting; retiring {:?}", self.reload.as_ref().unwrap().old_pids);
             } else if Instant::now() > op.deadline {
-                let op = self.reload.take().unwrap();
-                let next = op.next.unwrap();
-                let pids: Vec<i32> = self.pool.workers.values().filter(|w| w.generation == next.id).map(|w| w.pid).collect();
-                for pid in &pids {
-                    self.pool.kill_now(*pid, "aborted reload");
-                }
-                let msg = format!(
-                    "reload aborted: generation {} was not accepting within {}s; still serving generation {}",
-                    next.id, next.cfg.server.ready_timeout_secs, self.cur.id
-                );
-                log::error!("{msg}");
-                for r in op.responders {
-                    let _ = r.send(Reply { value: json!({"ok": false, "error": msg}), written: None });
-                }
-                notify::ready(&self.status_line());
-                self.start_queued_reload();
+                let msg = format!("reload aborted: generation {} was not accepting within {}s", next.id, next.cfg.server.ready_timeout_secs);
+                self.abort_reload(&msg);
             }
             return;
         }
@@ -700,6 +767,27 @@ impl Master {
         });
         for r in op.responders {
             let _ = r.send(Reply { value: v.clone(), written: None });
+        }
+        notify::ready(&self.status_line());
+        self.start_queued_reload();
+    }
+
+    /// Gives up the reload under way: its new workers are killed, the old
+    /// generation keeps serving, and the reply says why.
+    fn abort_reload(&mut self, why: &str) {
+        let Some(op) = self.reload.take() else { return };
+        let Some(next) = op.next else {
+            self.reload = Some(op); // committed already: nothing to abort
+            return;
+        };
+        let pids: Vec<i32> = self.pool.workers.values().filter(|w| w.generation == next.id).map(|w| w.pid).collect();
+        for pid in &pids {
+            self.pool.kill_now(*pid, "aborted reload");
+        }
+        let msg = format!("{why}; still serving generation {}", self.cur.id);
+        log::error!("{msg}");
+        for r in op.responders {
+            let _ = r.send(Reply { value: json!({"ok": false, "error": msg}), written: None });
         }
         notify::ready(&self.status_line());
         self.start_queued_reload();
@@ -757,7 +845,7 @@ impl Master {
     }
 
     fn drain_all(&mut self) {
-        let grace = self.cur.cfg.graceful_timeout();
+        let grace = self.cur.cfg.worker_grace();
         self.pool.retire(grace, |_| true);
         // Stop accepting: close the master's copy of the listener too.
         self.cur.listener = None;
@@ -783,7 +871,7 @@ impl Master {
     async fn finish_stop(mut self) -> i32 {
         self.on_reap();
         let stop = self.stop.take().unwrap_or(StopOp { responders: vec![], deregister_until: None, reaped: vec![] });
-        let pids: Vec<i32> = stop.reaped.iter().map(|r| r.pid).collect();
+        let pids: Vec<i64> = stop.reaped.iter().filter_map(|r| r["pid"].as_i64()).collect();
         log::info!("stopped: reaped worker(s) {pids:?}");
         let v = json!({"ok": true, "pid": std::process::id(), "reaped": stop.reaped});
         let mut acks = Vec::new();
@@ -809,6 +897,10 @@ impl Master {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         log::logger().flush();
+        if let Some(why) = &self.start_failure {
+            log::error!("{why}");
+            return 1;
+        }
         0
     }
 }

@@ -1,14 +1,21 @@
-//! Worker processes: spawning (fork+exec of this binary), signalling and
-//! reaping. This is the one place of the kill-and-reap sequence:
+//! Child processes: the one place of the kill-and-reap sequence, for every
+//! kind of child rpcd has (the master's workers, a worker's handler
+//! processes), and the master's worker pool.
 //!
-//! 1. [`Pool::retire`] sends SIGTERM and gives each worker a deadline;
-//! 2. [`Pool::enforce_deadlines`] SIGKILLs whoever is still there after it;
-//! 3. [`reap`] collects every exit with `waitpid(-1, WNOHANG)` until none is
-//!    left (one SIGCHLD may stand for several exits), retrying on EINTR and
-//!    taking ECHILD as "already reaped".
+//! 1. retire ([`Child::retire`]): the gentle step (SIGTERM for a worker; for
+//!    a handler, EOF on its channel, sent by its owner) and a ladder of
+//!    deadlines (a worker: SIGKILL after the grace; a handler: SIGTERM to its
+//!    process group after the kill grace, SIGKILL after as long again);
+//! 2. enforce ([`Child::enforce`]): sends each signal of the ladder whose
+//!    time has come, to the process or to its whole process group;
+//! 3. reap ([`reap`]): collects every exit with `waitpid(-1, WNOHANG)` until
+//!    none is left (one SIGCHLD may stand for several exits), retrying on
+//!    EINTR and taking ECHILD as "already reaped". The master and each
+//!    worker call it from their one loop, and each routes the exits to what
+//!    it tracks.
 //!
-//! The master's loop calls these; stop and reload differ only in which
-//! workers they retire.
+//! Crashed children come back with the same [`Backoff`]. Stop and reload
+//! differ only in which workers they retire.
 
 use crate::config::Config;
 use crate::worker::{WorkerSetup, CHANNEL_FD, LISTEN_FD, MASTER_PID_ENV};
@@ -35,6 +42,153 @@ pub enum WState {
     Draining,
 }
 
+/// A child that lived shorter than this counts as crashing.
+pub const MIN_HEALTHY_LIFE: Duration = Duration::from_secs(10);
+/// The longest wait before starting a crash-looping child again.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The crash-loop backoff of one slot (a worker slot, a handler process
+/// slot): 0, 0.1 s, 0.2 s ... 30 s while its child keeps dying within
+/// [`MIN_HEALTHY_LIFE`], back to 0 after one healthy life.
+#[derive(Debug, Clone, Default)]
+pub struct Backoff {
+    pub restarts: u32,
+    failures: u32,
+}
+
+impl Backoff {
+    /// Records an unexpected exit after `lived`; returns the delay before
+    /// the next start.
+    pub fn exited(&mut self, lived: Duration) -> Duration {
+        self.restarts += 1;
+        self.failed(lived < MIN_HEALTHY_LIFE)
+    }
+
+    /// Records a start that failed (or a life that counts as one when
+    /// `crashed`), without counting a restart; returns the delay.
+    pub fn failed(&mut self, crashed: bool) -> Duration {
+        if crashed {
+            self.failures += 1;
+        } else {
+            self.failures = 1;
+        }
+        if self.failures <= 1 {
+            Duration::ZERO
+        } else {
+            (Duration::from_millis(100) * 2u32.saturating_pow((self.failures - 2).min(16))).min(MAX_BACKOFF)
+        }
+    }
+}
+
+/// Where a child's signals go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Process(i32),
+    /// The process group the child leads (handlers: `process_group(0)`),
+    /// so that whatever it started goes too.
+    Group(i32),
+}
+
+impl Target {
+    pub fn pid(self) -> i32 {
+        match self {
+            Target::Process(p) | Target::Group(p) => p,
+        }
+    }
+
+    pub fn send(self, sig: Signal) {
+        match self {
+            Target::Process(p) => signal(p, sig),
+            Target::Group(g) => match nix::sys::signal::killpg(Pid::from_raw(g), sig) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(e) => log::error!("killpg({g}, {sig}): {e}"),
+            },
+        }
+    }
+}
+
+/// The kill-and-reap state of one child, whatever its kind.
+#[derive(Debug)]
+pub struct Child {
+    pub target: Target,
+    pub spawned: Instant,
+    /// Signals still to send, in time order (retire's escalation).
+    ladder: Vec<(Instant, Signal)>,
+    /// Retired: on its way out, by our choice.
+    pub retiring: bool,
+    killed: bool,
+}
+
+impl Child {
+    pub fn new(target: Target) -> Child {
+        Child { target, spawned: Instant::now(), ladder: Vec::new(), retiring: false, killed: false }
+    }
+
+    /// Step 1: sends `first` now (if any) and schedules each of `then` at its
+    /// delay from now. A child already retiring keeps its earlier ladder
+    /// where that is sooner.
+    pub fn retire(&mut self, first: Option<Signal>, then: &[(Duration, Signal)]) {
+        let now = Instant::now();
+        if let Some(sig) = first {
+            self.target.send(sig);
+            if sig == Signal::SIGKILL {
+                self.killed = true;
+            }
+        }
+        for &(after, sig) in then {
+            let at = now + after;
+            match self.ladder.iter_mut().find(|(_, s)| *s == sig) {
+                Some(step) => step.0 = step.0.min(at),
+                None => self.ladder.push((at, sig)),
+            }
+        }
+        self.ladder.sort_by_key(|&(at, _)| at);
+        self.retiring = true;
+    }
+
+    /// Step 2: sends every signal of the ladder that is due. Returns the
+    /// signals sent.
+    pub fn enforce(&mut self, now: Instant) -> Vec<Signal> {
+        let mut sent = Vec::new();
+        while let Some(&(at, sig)) = self.ladder.first() {
+            if at > now {
+                break;
+            }
+            self.ladder.remove(0);
+            if self.killed {
+                continue;
+            }
+            self.target.send(sig);
+            if sig == Signal::SIGKILL {
+                self.killed = true;
+            }
+            sent.push(sig);
+        }
+        sent
+    }
+
+    /// When [`Child::enforce`] next has something to do.
+    pub fn next_due(&self) -> Option<Instant> {
+        if self.killed {
+            return None;
+        }
+        self.ladder.first().map(|&(at, _)| at)
+    }
+
+    /// SIGKILL now (to the group for a group leader).
+    pub fn kill_now(&mut self) {
+        if !self.killed {
+            self.target.send(Signal::SIGKILL);
+            self.killed = true;
+        }
+        self.retiring = true;
+    }
+
+    pub fn killed(&self) -> bool {
+        self.killed
+    }
+}
+
 #[derive(Debug)]
 pub struct Worker {
     pub pid: i32,
@@ -45,9 +199,11 @@ pub struct Worker {
     pub last_seen: Instant,
     pub requests: u64,
     pub connections: u64,
-    /// Set while draining: SIGKILL after this.
-    pub kill_at: Option<Instant>,
-    pub killed: bool,
+    /// Its handler processes, by pool, as it last reported them.
+    pub handlers: BTreeMap<String, Vec<i32>>,
+    /// What it reported reaping of its own children before it exited.
+    pub reaped_handlers: Vec<serde_json::Value>,
+    pub child: Child,
 }
 
 /// How a worker ended, as reported by `stop` and `reload`.
@@ -128,9 +284,10 @@ impl Pool {
         listener: &TcpListener,
         generation: u64,
         slot: usize,
+        strict: bool,
     ) -> std::io::Result<(i32, UnixStream)> {
         let (mut master_end, worker_end) = UnixStream::pair()?;
-        let setup = WorkerSetup { config: cfg.clone(), slot, generation };
+        let setup = WorkerSetup { config: cfg.clone(), slot, generation, strict };
         let mut line = serde_json::to_vec(&setup).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let listen_fd: OwnedFd = listener.try_clone()?.into();
@@ -164,8 +321,9 @@ impl Pool {
                 last_seen: now,
                 requests: 0,
                 connections: 0,
-                kill_at: None,
-                killed: false,
+                handlers: BTreeMap::new(),
+                reaped_handlers: Vec::new(),
+                child: Child::new(Target::Process(pid)),
             },
         );
         Ok((pid, master_end))
@@ -174,15 +332,13 @@ impl Pool {
     /// Step 1: SIGTERM every worker `select`ed, SIGKILL after `grace`.
     /// Returns their PIDs.
     pub fn retire(&mut self, grace: Duration, mut select: impl FnMut(&Worker) -> bool) -> Vec<i32> {
-        let deadline = Instant::now() + grace;
         let mut pids = Vec::new();
         for w in self.workers.values_mut() {
             if w.state == WState::Draining || !select(w) {
                 continue;
             }
             w.state = WState::Draining;
-            w.kill_at = Some(deadline);
-            signal(w.pid, Signal::SIGTERM);
+            w.child.retire(Some(Signal::SIGTERM), &[(grace, Signal::SIGKILL)]);
             pids.push(w.pid);
         }
         if !pids.is_empty() {
@@ -194,12 +350,8 @@ impl Pool {
     /// Step 2: SIGKILL draining workers whose deadline has passed.
     pub fn enforce_deadlines(&mut self, now: Instant) {
         for w in self.workers.values_mut() {
-            if let Some(at) = w.kill_at {
-                if now >= at && !w.killed {
-                    log::warn!("worker {} did not finish in time: SIGKILL", w.pid);
-                    signal(w.pid, Signal::SIGKILL);
-                    w.killed = true;
-                }
+            if w.child.enforce(now).contains(&Signal::SIGKILL) {
+                log::warn!("worker {} did not finish in time: SIGKILL", w.pid);
             }
         }
     }
@@ -207,10 +359,9 @@ impl Pool {
     /// SIGKILL one worker now (heartbeat lost, ready timeout, aborted reload).
     pub fn kill_now(&mut self, pid: i32, why: &str) {
         if let Some(w) = self.workers.get_mut(&pid) {
-            if !w.killed {
+            if !w.child.killed() {
                 log::warn!("worker {pid}: {why}: SIGKILL");
-                signal(pid, Signal::SIGKILL);
-                w.killed = true;
+                w.child.kill_now();
             }
         }
     }

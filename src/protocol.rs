@@ -18,6 +18,13 @@ pub enum ErrorCode {
     TooLarge,
     Overloaded,
     ShuttingDown,
+    /// A user-defined method's deadline passed (it may have run).
+    Timeout,
+    /// The handler process died, hung up or broke the protocol while it
+    /// held the request (it may have run).
+    HandlerFailed,
+    /// No handler process could take the request (it did not run).
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -30,7 +37,16 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::HandlerFailed => "handler_failed",
+            ErrorCode::Unavailable => "unavailable",
         }
+    }
+
+    /// Whether a client may send the request to another server without
+    /// asking: it provably did not run (SPEC §2).
+    pub fn retryable(code: &str) -> bool {
+        matches!(code, "overloaded" | "shutting_down" | "unavailable")
     }
 }
 
@@ -134,7 +150,7 @@ pub fn pi(n: u64) -> f64 {
     (8.0 * s).sqrt()
 }
 
-fn write_json_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn write_json_str(out: &mut Vec<u8>, s: &str) {
     serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
 }
 
@@ -144,11 +160,16 @@ pub fn error_frame(out: &mut Vec<u8>, code: ErrorCode, message: &str, id: Option
 }
 
 /// [`error_frame`] with the raw text of the id.
-fn error_frame_id(out: &mut Vec<u8>, code: ErrorCode, message: &str, id: Option<&str>) {
+pub fn error_frame_id(out: &mut Vec<u8>, code: ErrorCode, message: &str, id: Option<&str>) {
+    error_frame_code(out, code.as_str(), message, id)
+}
+
+/// An error frame with any code (a method's own), and the raw text of the id.
+pub fn error_frame_code(out: &mut Vec<u8>, code: &str, message: &str, id: Option<&str>) {
     write_frame(out, |o| {
-        o.extend_from_slice(b"{\"out\":\"error\",\"result\":{\"code\":\"");
-        o.extend_from_slice(code.as_str().as_bytes());
-        o.extend_from_slice(b"\",\"message\":");
+        o.extend_from_slice(b"{\"out\":\"error\",\"result\":{\"code\":");
+        write_json_str(o, code);
+        o.extend_from_slice(b",\"message\":");
         write_json_str(o, message);
         o.push(b'}');
         if let Some(id) = id {
@@ -159,7 +180,7 @@ fn error_frame_id(out: &mut Vec<u8>, code: ErrorCode, message: &str, id: Option<
     });
 }
 
-fn ok_frame(out: &mut Vec<u8>, tag: &str, result: &[u8], id: Option<&str>) {
+pub(crate) fn ok_frame(out: &mut Vec<u8>, tag: &str, result: &[u8], id: Option<&str>) {
     write_frame(out, |o| {
         o.extend_from_slice(b"{\"out\":\"");
         o.extend_from_slice(tag.as_bytes());
@@ -256,7 +277,7 @@ fn simple_request(text: &str) -> Option<(&str, &str, Option<&str>)> {
 
 /// `pi`'s params as serde_json reads a u64: plain digits are taken here,
 /// anything else is left to serde_json.
-fn pi_terms(params: &str) -> Result<u64, ()> {
+pub(crate) fn pi_terms(params: &str) -> Result<u64, ()> {
     let b = params.as_bytes();
     if !b.is_empty() && b.len() <= 19 && b.iter().all(u8::is_ascii_digit) && (b[0] != b'0' || b.len() == 1) {
         return Ok(b.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')));
@@ -296,93 +317,84 @@ fn too_deep(b: &[u8]) -> bool {
     false
 }
 
-/// Handles one request body and appends exactly one response frame to `out`.
-/// Returns the error code when the request failed (for logging and counters).
-pub fn handle(body: &[u8], limits: &Limits, out: &mut Vec<u8>) -> Option<ErrorCode> {
+/// A request body, parsed: a call to make, or an error to answer with.
+#[derive(Debug, PartialEq)]
+pub enum Parsed<'a> {
+    Call { method: Cow<'a, str>, params: &'a str, id: Option<&'a str> },
+    Invalid { code: ErrorCode, message: Cow<'static, str>, id: Option<&'a str> },
+}
+
+impl Parsed<'_> {
+    fn invalid(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+        Parsed::Invalid { code, message: message.into(), id: None }
+    }
+}
+
+/// Parses one request body: the borrow-only fast path for the common
+/// shape, serde_json for everything else (both answer alike).
+pub fn parse(body: &[u8]) -> Parsed<'_> {
     let text = if body.is_ascii() {
         // SAFETY: ASCII is UTF-8 (and the check is much cheaper for short bodies).
         unsafe { std::str::from_utf8_unchecked(body) }
     } else {
         match std::str::from_utf8(body) {
             Ok(t) => t,
-            Err(e) => {
-                error_frame(out, ErrorCode::BadJson, &format!("body is not UTF-8: {e}"), None);
-                return Some(ErrorCode::BadJson);
-            }
+            Err(e) => return Parsed::invalid(ErrorCode::BadJson, format!("body is not UTF-8: {e}")),
         }
     };
     if let Some((method, params, id)) = simple_request(text) {
-        return dispatch(method, params, id, limits, out);
+        return Parsed::Call { method: Cow::Borrowed(method), params, id };
     }
-    handle_general(text, limits, out)
+    parse_general(text)
 }
 
 /// Any request, through serde_json.
-fn handle_general(text: &str, limits: &Limits, out: &mut Vec<u8>) -> Option<ErrorCode> {
+fn parse_general(text: &str) -> Parsed<'_> {
     if text.len() > MAX_DEPTH && too_deep(text.as_bytes()) {
-        let msg = format!("JSON nested deeper than {MAX_DEPTH} levels");
-        error_frame(out, ErrorCode::BadJson, &msg, None);
-        return Some(ErrorCode::BadJson);
+        return Parsed::invalid(ErrorCode::BadJson, format!("JSON nested deeper than {MAX_DEPTH} levels"));
     }
     if !text.trim_start().starts_with('{') {
         // Arrays would otherwise deserialize positionally into the struct.
-        let code = if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
-            ErrorCode::BadRequest
+        return if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
+            Parsed::invalid(ErrorCode::BadRequest, "request must be a JSON object")
         } else {
-            ErrorCode::BadJson
+            Parsed::invalid(ErrorCode::BadJson, "body is not valid JSON")
         };
-        let msg = if code == ErrorCode::BadRequest { "request must be a JSON object" } else { "body is not valid JSON" };
-        error_frame(out, code, msg, None);
-        return Some(code);
     }
     let req: Request = match serde_json::from_str(text) {
         Ok(r) => r,
         Err(e) => {
             let code = if e.is_data() { ErrorCode::BadRequest } else { ErrorCode::BadJson };
-            error_frame(out, code, &e.to_string(), None);
-            return Some(code);
+            return Parsed::invalid(code, e.to_string());
         }
     };
     let id = req.id.0.map(RawValue::get);
     let Some(Method(method)) = req.method else {
-        error_frame_id(out, ErrorCode::BadRequest, "missing \"in\" (the method name)", id);
-        return Some(ErrorCode::BadRequest);
+        return Parsed::Invalid { code: ErrorCode::BadRequest, message: "missing \"in\" (the method name)".into(), id };
     };
     let Some(params) = req.params.0 else {
-        error_frame_id(out, ErrorCode::BadRequest, "missing \"params\"", id);
-        return Some(ErrorCode::BadRequest);
+        return Parsed::Invalid { code: ErrorCode::BadRequest, message: "missing \"params\"".into(), id };
     };
-    dispatch(&method, params.get(), id, limits, out)
+    Parsed::Call { method, params: params.get(), id }
 }
 
-/// Runs a method on its raw params text and appends the reply.
-fn dispatch(method: &str, params: &str, id: Option<&str>, limits: &Limits, out: &mut Vec<u8>) -> Option<ErrorCode> {
-    match method {
-        "ping" => {
-            ok_frame(out, "pong", params.as_bytes(), id);
-            None
+/// The `unknown_method` answer.
+pub fn unknown_method(out: &mut Vec<u8>, method: &str, id: Option<&str>) {
+    let shown: String = method.chars().take(64).collect();
+    error_frame_id(out, ErrorCode::UnknownMethod, &format!("unknown method \"{shown}\""), id);
+}
+
+/// Handles one request body as a worker serving only the built-in methods
+/// would, and appends exactly one response frame to `out`. Returns the
+/// error code when the request failed. (Workers go through their method
+/// table, [`crate::methods`]; this is for tools, tests and fuzzing.)
+pub fn handle(body: &[u8], limits: &Limits, out: &mut Vec<u8>) -> Option<ErrorCode> {
+    match parse(body) {
+        Parsed::Invalid { code, message, id } => {
+            error_frame_id(out, code, &message, id);
+            Some(code)
         }
-        "pi" => match pi_terms(params) {
-            Ok(n) if n <= limits.pi_max_terms => {
-                let mut b = ryu::Buffer::new();
-                ok_frame(out, "pi_r", b.format_finite(pi(n)).as_bytes(), id);
-                None
-            }
-            Ok(n) => {
-                let msg = format!("pi: n = {n} is over the limit of {} terms", limits.pi_max_terms);
-                error_frame_id(out, ErrorCode::BadParams, &msg, id);
-                Some(ErrorCode::BadParams)
-            }
-            Err(_) => {
-                error_frame_id(out, ErrorCode::BadParams, "pi: params must be an integer n >= 0", id);
-                Some(ErrorCode::BadParams)
-            }
-        },
-        other => {
-            let shown: String = other.chars().take(64).collect();
-            error_frame_id(out, ErrorCode::UnknownMethod, &format!("unknown method \"{shown}\""), id);
-            Some(ErrorCode::UnknownMethod)
-        }
+        Parsed::Call { method, params, id } => crate::methods::builtin::answer(&method, params, id, limits.pi_max_terms, out),
     }
 }
 
@@ -467,7 +479,7 @@ mod tests {
                     };
                     let (mut a, mut b) = (Vec::new(), Vec::new());
                     let ca = handle(body.as_bytes(), &L, &mut a);
-                    let cb = handle_general(&body, &L, &mut b);
+                    let cb = answer_general(&body, &mut b);
                     assert_eq!((ca, String::from_utf8_lossy(&a)), (cb, String::from_utf8_lossy(&b)), "{body}");
                     fast += usize::from(simple_request(&body).is_some());
                     n += 1;
@@ -476,6 +488,17 @@ mod tests {
         }
         assert!(fast > 100, "the fast path took only {fast} of {n}");
         assert_eq!(simple_request(r#"{"in":"ping","params":null,"id":7}"#), Some(("ping", "null", Some("7"))));
+    }
+
+    /// The general path alone, answered like [`handle`].
+    fn answer_general(text: &str, out: &mut Vec<u8>) -> Option<ErrorCode> {
+        match parse_general(text) {
+            Parsed::Invalid { code, message, id } => {
+                error_frame_id(out, code, &message, id);
+                Some(code)
+            }
+            Parsed::Call { method, params, id } => crate::methods::builtin::answer(&method, params, id, L.pi_max_terms, out),
+        }
     }
 
     #[test]

@@ -69,6 +69,10 @@ enum Cmd {
         /// Per-call time limit in seconds (retries included).
         #[arg(long, default_value_t = 10.0, value_name = "SECS")]
         timeout: f64,
+        /// The method is safe to run twice: retry it on another server even
+        /// when the connection was lost after it was sent (ping and pi are).
+        #[arg(long)]
+        idempotent: bool,
     },
     /// List the servers that discovery sees in ZooKeeper.
     Servers {
@@ -138,22 +142,35 @@ fn print_status(v: &Value) {
     }
     let workers = v["workers"].as_array().cloned().unwrap_or_default();
     println!("    Workers: {}", workers.len());
-    println!("      {:>8}  {:<9} {:>4} {:>10} {:>12} {:>6} {:>8}", "PID", "STATE", "GEN", "UPTIME", "REQUESTS", "CONNS", "RESTARTS");
+    println!("      {:>8}  {:<9} {:>4} {:>10} {:>12} {:>6} {:>8}  HANDLERS", "PID", "STATE", "GEN", "UPTIME", "REQUESTS", "CONNS", "RESTARTS");
     for w in &workers {
         println!(
-            "      {:>8}  {:<9} {:>4} {:>10} {:>12} {:>6} {:>8}",
+            "      {:>8}  {:<9} {:>4} {:>10} {:>12} {:>6} {:>8}  {}",
             w["pid"].to_string(),
             w["state"].as_str().unwrap_or("?"),
             w["generation"].to_string(),
             fmt_secs(w["uptime_secs"].as_f64().unwrap_or(0.0)),
             w["requests"].to_string(),
             w["connections"].to_string(),
-            w["restarts"].to_string()
+            w["restarts"].to_string(),
+            handler_pids(&w["handlers"])
         );
     }
     for b in v["backoff"].as_array().cloned().unwrap_or_default() {
         println!("      slot {} crash-looping: {} restarts, next start in {:.1}s", b["slot"], b["restarts"], b["respawn_in_secs"].as_f64().unwrap_or(0.0));
     }
+}
+
+/// `pool: PID PID; other: PID`, or `-` without handlers.
+fn handler_pids(h: &Value) -> String {
+    let Some(m) = h.as_object().filter(|m| !m.is_empty()) else { return "-".into() };
+    m.iter()
+        .map(|(name, pids)| {
+            let list: Vec<String> = pids.as_array().into_iter().flatten().map(|p| p.to_string()).collect();
+            format!("{name}: {}", if list.is_empty() { "none".into() } else { list.join(" ") })
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn control(args: &Args, cmd: &str, timeout: Duration) -> (Client, Value) {
@@ -204,6 +221,9 @@ fn main() {
             println!("stopped rpcd (pid {pid}); reaped {} worker(s): {}", reaped.len(), pids.join(" "));
             for r in &reaped {
                 println!("  {} {}", r["pid"], r["status"].as_str().unwrap_or(""));
+                for h in r["handlers"].as_array().into_iter().flatten() {
+                    println!("    handler {} {} {}", h["handler"].as_str().unwrap_or("?"), h["pid"], h["status"].as_str().unwrap_or(""));
+                }
             }
         }
         Cmd::Reload { timeout } => {
@@ -214,7 +234,7 @@ fn main() {
                 println!("warning: {}", w.as_str().unwrap_or(""));
             }
         }
-        Cmd::Call { method, params, zk, root, addr, count, interval, strategy, timeout } => {
+        Cmd::Call { method, params, zk, root, addr, count, interval, strategy, timeout, idempotent } => {
             let params: Value = match params {
                 None => Value::Null,
                 Some(p) => serde_json::from_str(p).unwrap_or_else(|e| {
@@ -231,6 +251,9 @@ fn main() {
                 };
                 let mut caller = Caller::new(servers, *strategy);
                 caller.timeout = Duration::from_secs_f64(timeout.max(0.001));
+                if *idempotent {
+                    caller.idempotent = Some(true);
+                }
                 let mut failed = 0u64;
                 for i in 0..*count {
                     if i > 0 && *interval > 0.0 {

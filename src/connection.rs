@@ -1,0 +1,493 @@
+//! One client connection of a worker: reading frames, answering them in
+//! order, the drain.
+//!
+//! Frames are answered from the worker's method table
+//! ([`crate::methods::Table`]). Methods that answer at once write into the
+//! worker's one reply buffer, and a batch of replies goes out in one write.
+//! Calls answered later (handler processes, async methods) reserve a slot in
+//! the connection's [`Replies`]; replies behind an outstanding one wait in
+//! their own slot, so that the client gets every reply in request order.
+
+use crate::handlers::Handlers;
+use crate::methods::{self, Kind, Table};
+use crate::protocol::{self, Decoded, ErrorCode, Parsed};
+use crate::replies::Replies;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::{poll_fn, Future};
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Size of the worker's one read buffer (and the usual reply buffer).
+pub const READ_CHUNK: usize = 64 * 1024;
+
+/// While draining, how long a connection that has received nothing yet
+/// waits for its first request (at most the idle timeout).
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
+/// Replies a connection may have outstanding before it stops reading (the
+/// client then waits in TCP's flow control).
+const MAX_OUTSTANDING: usize = 1024;
+
+/// What the worker's connections share.
+pub struct Shared {
+    pub max_frame_bytes: u32,
+    pub(crate) table: Table,
+    pub handlers: Rc<Handlers>,
+    pub idle_timeout: Option<Duration>,
+    pub write_timeout: Duration,
+    pub max_connections: u64,
+    pub requests: Cell<u64>,
+    pub connections: Cell<u64>,
+    pub all_closed: tokio::sync::Notify,
+    /// The worker's read and reply buffers, shared by its connections: they
+    /// are served one at a time on this one thread and hold neither across
+    /// an await, so an idle connection owns no buffer.
+    pub rbuf: RefCell<Vec<u8>>,
+    pub obuf: RefCell<Vec<u8>>,
+    /// Set when the drain begins; the connections' wakers are woken then.
+    /// (A flag is much cheaper to look at on every wakeup than a channel.)
+    pub draining: Cell<bool>,
+    pub wakers: RefCell<HashMap<u64, Waker>>,
+    pub next_conn: Cell<u64>,
+}
+
+impl Shared {
+    pub fn begin_drain(&self) {
+        self.draining.set(true);
+        let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
+        for w in wakers.into_values() {
+            w.wake();
+        }
+    }
+}
+
+/// A connection's entry in [`Shared::wakers`], removed when it ends.
+struct WakerSlot<'a>(&'a Shared, u64);
+
+impl Drop for WakerSlot<'_> {
+    fn drop(&mut self) {
+        self.0.wakers.borrow_mut().remove(&self.1);
+    }
+}
+
+/// Serves one accepted connection (or refuses it when over the limit).
+pub async fn serve(stream: TcpStream, sh: Rc<Shared>) {
+    sh.connections.set(sh.connections.get() + 1);
+    let over = sh.connections.get() > sh.max_connections;
+    if over {
+        refuse(stream, &sh).await;
+    } else {
+        connection(stream, &sh).await;
+    }
+    sh.connections.set(sh.connections.get() - 1);
+    if sh.connections.get() == 0 {
+        sh.all_closed.notify_waiters();
+    }
+}
+
+async fn refuse(mut stream: TcpStream, sh: &Shared) {
+    let mut out = Vec::new();
+    protocol::error_frame(&mut out, ErrorCode::Overloaded, "too many connections; try another server", None);
+    let _ = tokio::time::timeout(sh.write_timeout, stream.write_all(&out)).await;
+    log::warn!("refused a connection: {} open", sh.connections.get() - 1);
+}
+
+/// What [`process`] did with the front of a buffer.
+struct Processed {
+    /// Bytes of complete frames consumed.
+    used: usize,
+    /// Total size of the incomplete frame after them, when known (0 if not).
+    need: usize,
+    /// A frame over the limit: answered, and the connection must close.
+    close: bool,
+}
+
+/// Appends replies for every complete frame at the front of `data` (to
+/// `out`, or to `replies` once some reply is outstanding).
+fn process(data: &[u8], out: &mut Vec<u8>, sh: &Shared, served: &mut Option<usize>, replies: &mut Option<Rc<Replies>>) -> Processed {
+    let mut at = 0;
+    loop {
+        let buf = &data[at..];
+        match protocol::decode(buf, sh.max_frame_bytes) {
+            Decoded::Frame(len) => {
+                sh.requests.set(sh.requests.get() + 1);
+                match served {
+                    Some(0) => {
+                        let start = out.len();
+                        protocol::error_frame(out, ErrorCode::ShuttingDown, "server is shutting down; retry elsewhere", None);
+                        in_order(out, start, replies);
+                    }
+                    _ => {
+                        dispatch(&buf[4..4 + len], out, sh, replies);
+                        if let Some(n) = served {
+                            *n -= 1;
+                        }
+                    }
+                }
+                at += 4 + len;
+            }
+            Decoded::Need(total) => {
+                return Processed { used: at, need: if buf.len() >= 4 { total } else { 0 }, close: false };
+            }
+            Decoded::TooLarge(n) => {
+                let msg = format!("frame of {n} bytes is over the limit of {} bytes", sh.max_frame_bytes);
+                let start = out.len();
+                protocol::error_frame(out, ErrorCode::TooLarge, &msg, None);
+                in_order(out, start, replies);
+                return Processed { used: at, need: 0, close: true };
+            }
+        }
+    }
+}
+
+/// A reply written at `out[start..]` at once: while some reply before it is
+/// outstanding, it waits in a slot of its own instead.
+#[inline]
+fn in_order(out: &mut Vec<u8>, start: usize, replies: &Option<Rc<Replies>>) {
+    if let Some(r) = replies {
+        if !r.is_empty() {
+            r.push_ready(out.split_off(start));
+        }
+    }
+}
+
+/// Answers one request body: at once onto `out`, or later through a slot.
+fn dispatch(body: &[u8], out: &mut Vec<u8>, sh: &Shared, replies: &mut Option<Rc<Replies>>) {
+    let start = out.len();
+    match protocol::parse(body) {
+        Parsed::Invalid { code, message, id } => protocol::error_frame_id(out, code, &message, id),
+        Parsed::Call { method, params, id } => match sh.table.get(&method) {
+            None => protocol::unknown_method(out, &method, id),
+            Some(e) => match &e.kind {
+                Kind::Now(f) => methods::answer_now(e, f, params, id, out),
+                Kind::Later { f, timeout } => {
+                    let reply = replies.get_or_insert_with(Replies::new).reserve(id);
+                    let fut = f(params.to_string());
+                    let (timeout, prefix, name) = (*timeout, e.prefix.clone(), method.into_owned());
+                    tokio::task::spawn_local(async move {
+                        match tokio::time::timeout(timeout, fut).await {
+                            Ok(Ok(result)) => reply.send_with_prefix(&prefix, &result),
+                            Ok(Err(e)) => reply.error_code(&e.code, &e.message),
+                            Err(_) => reply.error(ErrorCode::Timeout, &format!("method {name} did not finish within {} ms (timeout_ms)", timeout.as_millis())),
+                        }
+                    });
+                    return;
+                }
+                Kind::Handler { pool, route } => {
+                    let reply = replies.get_or_insert_with(Replies::new).reserve(id);
+                    sh.handlers.submit(*pool, *route, params, reply);
+                    return;
+                }
+            },
+        },
+    }
+    in_order(out, start, replies);
+}
+
+/// What woke a connection up.
+enum Event {
+    /// `n` bytes were read: into the worker's read buffer when the
+    /// connection had nothing pending, else appended to its pending bytes.
+    Data(usize),
+    Eof,
+    Drain,
+    IdleTimer,
+    /// Outstanding replies at the front have been filled.
+    Replies,
+}
+
+/// Reads once, without waiting: into the worker-wide buffer when nothing is
+/// pending (the common case: a connection then holds no buffer of its
+/// own), else onto the end of `pending`. Tokio clears the read readiness
+/// after a short read, so an idle socket costs no extra `recv`.
+fn poll_read_into(cx: &mut Context<'_>, stream: &mut TcpStream, sh: &Shared, pending: &mut Vec<u8>, need: usize) -> Poll<std::io::Result<usize>> {
+    if pending.is_empty() {
+        let mut rbuf = sh.rbuf.borrow_mut();
+        let mut rb = ReadBuf::new(&mut rbuf[..]);
+        return match Pin::new(stream).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(rb.filled().len())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        };
+    }
+    let want = need.saturating_sub(pending.len()).clamp(READ_CHUNK / 16, READ_CHUNK);
+    pending.reserve(want);
+    let mut rb = ReadBuf::uninit(pending.spare_capacity_mut());
+    let res = Pin::new(stream).poll_read(cx, &mut rb);
+    let n = rb.filled().len();
+    // SAFETY: poll_read initialized and filled the first n bytes of the spare capacity.
+    unsafe { pending.set_len(pending.len() + n) };
+    match res {
+        Poll::Ready(Ok(())) => Poll::Ready(Ok(n)),
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+/// Writes what the socket takes now. Returns how much was written.
+fn write_now(stream: &TcpStream, out: &[u8]) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < out.len() {
+        match stream.try_write(&out[done..]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// The outcome of answering what a connection has received.
+enum Answered {
+    /// Every reply is written.
+    Written { close: bool },
+    /// The socket is full: these bytes still have to go out.
+    Rest { rest: Vec<u8>, close: bool },
+    Failed,
+}
+
+/// Answers every complete frame in the worker's read buffer (`fresh` bytes
+/// of it) or in `pending`, keeps an incomplete frame in `pending`, and
+/// writes the replies (with any filled slots behind them) in one go. Holds
+/// the worker-wide buffers only while it runs (never across an await).
+fn answer(
+    stream: &TcpStream,
+    sh: &Shared,
+    pending: &mut Vec<u8>,
+    fresh: Option<usize>,
+    served: &mut Option<usize>,
+    need: &mut usize,
+    replies: &mut Option<Rc<Replies>>,
+) -> Answered {
+    let mut out = sh.obuf.borrow_mut();
+    out.clear();
+    let close = match fresh {
+        Some(n) => {
+            let rbuf = sh.rbuf.borrow();
+            let p = process(&rbuf[..n], &mut out, sh, served, replies);
+            if !p.close && p.used < n {
+                pending.reserve(p.need.max(n - p.used));
+                pending.extend_from_slice(&rbuf[p.used..n]);
+            }
+            *need = p.need;
+            p.close
+        }
+        None => {
+            let p = process(pending, &mut out, sh, served, replies);
+            if p.close || p.used == pending.len() {
+                // Nothing left over: give the memory back.
+                *pending = Vec::new();
+            } else if p.used > 0 {
+                pending.drain(..p.used);
+            }
+            *need = p.need;
+            p.close
+        }
+    };
+    if let Some(r) = replies {
+        r.take_ready(&mut out);
+    }
+    let res = if out.is_empty() {
+        Answered::Written { close }
+    } else {
+        match write_now(stream, &out) {
+            Ok(n) if n == out.len() => Answered::Written { close },
+            Ok(n) => Answered::Rest { rest: out[n..].to_vec(), close },
+            Err(_) => Answered::Failed,
+        }
+    };
+    if out.capacity() > 1 << 20 {
+        *out = Vec::with_capacity(READ_CHUNK);
+    }
+    res
+}
+
+async fn connection(mut stream: TcpStream, sh: &Shared) {
+    // The task's waker, for the drain to wake it (a task's waker stays valid
+    // for its whole life).
+    let id = sh.next_conn.get();
+    sh.next_conn.set(id + 1);
+    let waker = poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
+    sh.wakers.borrow_mut().insert(id, waker);
+    let _slot = WakerSlot(sh, id);
+    // Bytes of an incomplete frame (empty, and unallocated, most of the time).
+    let mut pending: Vec<u8> = Vec::new();
+    let mut need = 0usize;
+    // Replies that come later (none, and unallocated, unless this
+    // connection calls a handler or an async method).
+    let mut replies: Option<Rc<Replies>> = None;
+    // While draining: how many more frames are served normally (the one a
+    // client was in the middle of sending); later ones get `shutting_down`.
+    let mut served: Option<usize> = None;
+    let mut draining = false;
+    // The client has shut its side: answer what it sent, then close.
+    let mut eof = false;
+    // Whether any byte has arrived: a connection accepted just before the
+    // drain, whose client has not yet sent its first request (it is on its
+    // way), gets that request answered rather than the connection closed.
+    let mut received = false;
+    // One timer per connection, re-armed only when it fires early. Once
+    // polled it wakes this task when due, so it is polled again only then.
+    let mut idle_after = sh.idle_timeout;
+    let mut last_active = Instant::now();
+    let mut idle = idle_after.map(|d| Box::pin(tokio::time::sleep_until(last_active + d)));
+    let mut idle_armed = false;
+    loop {
+        let ev = poll_fn(|cx| {
+                if !draining && sh.draining.get() {
+                    return Poll::Ready(Event::Drain);
+                }
+                if let Some(r) = &replies {
+                    r.set_waker(cx.waker());
+                    if r.front_ready() {
+                        return Poll::Ready(Event::Replies);
+                    }
+                }
+                let room = replies.as_ref().map_or(true, |r| r.len() < MAX_OUTSTANDING);
+                if !eof && room {
+                    match poll_read_into(cx, &mut stream, sh, &mut pending, need) {
+                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::Eof),
+                        Poll::Ready(Ok(n)) => return Poll::Ready(Event::Data(n)),
+                        Poll::Pending => {}
+                    }
+                }
+                if let Some(t) = idle.as_mut() {
+                    if !idle_armed || t.is_elapsed() {
+                        idle_armed = true;
+                        if t.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Event::IdleTimer);
+                        }
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+        let outstanding = replies.as_ref().is_some_and(|r| !r.is_empty());
+        let fresh = match ev {
+            Event::Eof => {
+                if !outstanding {
+                    return end(&replies);
+                }
+                // Half-closed: the replies still owed go out first.
+                eof = true;
+                continue;
+            }
+            Event::IdleTimer => {
+                let due = last_active + idle_after.unwrap_or_default();
+                let now = Instant::now();
+                if now >= due {
+                    if !outstanding {
+                        log::debug!("closing idle connection");
+                        return end(&replies);
+                    }
+                    // Waiting for replies is not being idle.
+                    last_active = now;
+                }
+                if let Some(t) = idle.as_mut() {
+                    t.as_mut().reset(last_active + idle_after.unwrap_or_default());
+                    idle_armed = false;
+                }
+                continue;
+            }
+            Event::Replies => None,
+            // Nothing was pending: the bytes are in the worker's buffer.
+            Event::Data(n) => {
+                received = true;
+                pending.is_empty().then_some(n)
+            }
+            Event::Drain => {
+                draining = true;
+                // Take in what the kernel has already received: ask the
+                // socket itself, since the runtime may not have seen the
+                // readiness of bytes that arrived just now.
+                let mut chunk = [0u8; 16 * 1024];
+                while !eof {
+                    // SAFETY: recv writes at most chunk.len() bytes into chunk.
+                    let n = unsafe { libc::recv(stream.as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len(), libc::MSG_DONTWAIT) };
+                    match n {
+                        n if n > 0 => pending.extend_from_slice(&chunk[..n as usize]),
+                        -1 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+                        _ => break,
+                    }
+                }
+                // Serve every complete frame, and the one partly received.
+                let mut complete = 0usize;
+                let mut at = 0usize;
+                let mut partial = false;
+                loop {
+                    match protocol::decode(&pending[at..], sh.max_frame_bytes) {
+                        Decoded::Frame(len) => {
+                            complete += 1;
+                            at += 4 + len;
+                        }
+                        Decoded::Need(_) => {
+                            partial = at < pending.len();
+                            break;
+                        }
+                        Decoded::TooLarge(_) => break,
+                    }
+                }
+                served = Some(complete + usize::from(partial));
+                if !received && pending.is_empty() && !eof {
+                    // Accepted, but the first request has not arrived yet.
+                    served = Some(1);
+                    let grace = idle_after.map_or(FIRST_REQUEST_GRACE, |d| d.min(FIRST_REQUEST_GRACE));
+                    idle_after = Some(grace);
+                    last_active = Instant::now();
+                    match idle.as_mut() {
+                        Some(t) => t.as_mut().reset(last_active + grace),
+                        None => idle = Some(Box::pin(tokio::time::sleep_until(last_active + grace))),
+                    }
+                    idle_armed = false;
+                }
+                None
+            }
+        };
+        let answered = answer(&stream, sh, &mut pending, fresh, &mut served, &mut need, &mut replies);
+        let close = match answered {
+            Answered::Written { close } => close,
+            Answered::Rest { rest, close } => {
+                match tokio::time::timeout(sh.write_timeout, stream.write_all(&rest)).await {
+                    Ok(Ok(())) => {}
+                    _ => return end(&replies),
+                }
+                close
+            }
+            Answered::Failed => return end(&replies),
+        };
+        let outstanding = replies.as_ref().is_some_and(|r| !r.is_empty());
+        if close {
+            // A frame over the limit: what was owed before it goes out first.
+            if outstanding {
+                eof = true;
+                pending.clear();
+                continue;
+            }
+            let _ = stream.shutdown().await;
+            return end(&replies);
+        }
+        if !outstanding && (eof || (draining && (served == Some(0) || (pending.is_empty() && received)))) {
+            let _ = stream.shutdown().await;
+            return end(&replies);
+        }
+        if idle.is_some() {
+            last_active = Instant::now();
+        }
+    }
+}
+
+/// The connection is done: nothing more will be read from its replies.
+fn end(replies: &Option<Rc<Replies>>) {
+    if let Some(r) = replies {
+        r.close();
+    }
+}

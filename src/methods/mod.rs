@@ -1,0 +1,378 @@
+//! Methods: what a worker answers, from one table.
+//!
+//! Every method, whatever serves it, is an entry of the worker's [`Table`]:
+//!
+//! - methods that answer at once in the worker (the built-ins `ping` and
+//!   `pi`, and a library user's synchronous methods);
+//! - asynchronous methods in the worker (a library user's), with a deadline;
+//! - methods served by handler processes (`[methods.NAME] handler = ...`,
+//!   see [`crate::handlers`]).
+//!
+//! # Building your own daemon
+//!
+//! A Rust user builds a binary on this crate and gets the whole daemon
+//! (config, master, workers, ZooKeeper, control socket, systemd) with their
+//! methods in-process. Workers run `/proc/self/exe --worker`, so the user's
+//! binary serves its own methods:
+//!
+//! ```no_run
+//! use rpcd::methods::{MethodError, Methods};
+//!
+//! fn main() {
+//!     let mut m = Methods::new(); // ping and pi
+//!     m.method("add", |(a, b): (i64, i64)| Ok::<_, MethodError>(a + b)).out("sum");
+//!     m.async_method("sleep_ms", |ms: u64| async move {
+//!         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+//!         Ok::<_, MethodError>(ms)
+//!     });
+//!     rpcd::main(m)
+//! }
+//! ```
+//!
+//! Params are decoded with serde (a decoding error is `bad_params`), results
+//! encoded with serde as the reply's `result`; `out` is `"ok"` unless the
+//! registration says otherwise ([`Registration::out`]). A method returns
+//! [`MethodError`] for an error reply. A panic in a method is answered with
+//! `handler_failed` and does not take the worker down. Asynchronous methods
+//! run on the worker's single thread (their futures need not be `Send`) and
+//! get `timeout` after `[methods.NAME] timeout_ms` (default 5000).
+
+pub mod builtin;
+
+use crate::config::{Config, InProcess};
+use crate::protocol;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// An error reply: `{"out": "error", "result": {"code": CODE, "message": MESSAGE}}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MethodError {
+    pub code: Cow<'static, str>,
+    pub message: String,
+}
+
+impl MethodError {
+    /// An error with any code; SPEC §2 lists the ones clients know.
+    pub fn new(code: impl Into<Cow<'static, str>>, message: impl Into<String>) -> MethodError {
+        MethodError { code: code.into(), message: message.into() }
+    }
+
+    /// `bad_params`: the request's params are not what the method takes.
+    pub fn bad_params(message: impl Into<String>) -> MethodError {
+        MethodError::new("bad_params", message)
+    }
+
+    fn failed(message: impl Into<String>) -> MethodError {
+        MethodError::new(protocol::ErrorCode::HandlerFailed.as_str(), message)
+    }
+}
+
+impl std::fmt::Display for MethodError {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for MethodError {}
+
+/// Appends a result's JSON text to `out` at once, given the params' JSON text.
+pub type RawFn = Box<dyn Fn(&str, &mut Vec<u8>) -> Result<(), MethodError>>;
+type RawFactory = Rc<dyn Fn(&Config) -> RawFn>;
+/// Answers later: the params' JSON text in, the result's JSON text out.
+pub(crate) type AsyncFn = Rc<dyn Fn(String) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, MethodError>>>>>;
+
+enum Body {
+    Now(RawFactory),
+    Later(AsyncFn),
+}
+
+/// One registered method; set its reply's `out` with [`Registration::out`].
+pub struct Registration {
+    name: String,
+    out: String,
+    body: Body,
+}
+
+impl Registration {
+    /// The reply's `out` (default `"ok"`), e.g. `"pong"` for `ping`.
+    pub fn out(&mut self, tag: &str) -> &mut Registration {
+        self.out = tag.to_string();
+        self
+    }
+}
+
+/// The methods a binary serves in-process. [`Methods::new`] has the
+/// built-ins; register your own and pass it to [`crate::main`].
+pub struct Methods {
+    regs: Vec<Registration>,
+}
+
+impl Default for Methods {
+    fn default() -> Self {
+        Methods::new()
+    }
+}
+
+impl Methods {
+    /// The built-in methods, `ping` and `pi`.
+    pub fn new() -> Methods {
+        let mut m = Methods { regs: Vec::new() };
+        builtin::register(&mut m);
+        m
+    }
+
+    fn push(&mut self, name: &str, body: Body) -> &mut Registration {
+        assert!(!name.is_empty(), "rpcd: a method name must not be empty");
+        assert!(!self.regs.iter().any(|r| r.name == name), "rpcd: method {name:?} is registered twice");
+        self.regs.push(Registration { name: name.to_string(), out: "ok".into(), body });
+        self.regs.last_mut().unwrap()
+    }
+
+    /// A synchronous method: `f` takes the params, decoded as `P`, and
+    /// returns the result or an error. It runs on the worker's thread, so it
+    /// should be quick (use [`Methods::async_method`] or a handler process
+    /// for slow work).
+    pub fn method<P, R, F>(&mut self, name: &str, f: F) -> &mut Registration
+    where
+        P: DeserializeOwned,
+        R: Serialize,
+        F: Fn(P) -> Result<R, MethodError> + 'static,
+    {
+        let f = Rc::new(f);
+        let label = name.to_string();
+        self.raw_method_with_config(name, move |_| {
+            let (f, label) = (f.clone(), label.clone());
+            Box::new(move |params, out| {
+                let p: P = decode(&label, params)?;
+                let r = catch_unwind(AssertUnwindSafe(|| f(p))).map_err(|e| panicked(&label, e))??;
+                serde_json::to_writer(&mut *out, &r).map_err(|e| MethodError::failed(format!("{label}: cannot encode the result: {e}")))
+            })
+        })
+    }
+
+    /// An asynchronous method: `f` takes the params, decoded as `P`, and
+    /// returns a future of the result. Runs on the worker's thread; its
+    /// deadline is `[methods.NAME] timeout_ms` (then `timeout`, and the
+    /// future is dropped).
+    pub fn async_method<P, R, Fut, F>(&mut self, name: &str, f: F) -> &mut Registration
+    where
+        P: DeserializeOwned,
+        R: Serialize,
+        Fut: Future<Output = Result<R, MethodError>> + 'static,
+        F: Fn(P) -> Fut + 'static,
+    {
+        let label = name.to_string();
+        let f: AsyncFn = Rc::new(move |params: String| {
+            let started = decode::<P>(&label, &params).map(&f);
+            let label = label.clone();
+            Box::pin(async move {
+                let r = started?.await?;
+                serde_json::to_vec(&r).map_err(|e| MethodError::failed(format!("{label}: cannot encode the result: {e}")))
+            })
+        });
+        self.push(name, Body::Later(f))
+    }
+
+    /// A method on raw JSON text, for methods that need no decoding (the
+    /// built-in `ping` echoes its params this way): `f` gets the params'
+    /// JSON text and appends the result's JSON text to the buffer, which
+    /// must be valid JSON.
+    pub fn raw_method<F>(&mut self, name: &str, f: F) -> &mut Registration
+    where
+        F: Fn(&str, &mut Vec<u8>) -> Result<(), MethodError> + 'static,
+    {
+        let f = Rc::new(f);
+        self.raw_method_with_config(name, move |_| {
+            let f = f.clone();
+            Box::new(move |params, out| f(params, out))
+        })
+    }
+
+    /// [`Methods::raw_method`] built from the running configuration (the
+    /// built-in `pi` reads `[methods.pi] max_terms`); called again for
+    /// every generation of workers.
+    pub fn raw_method_with_config<M>(&mut self, name: &str, make: M) -> &mut Registration
+    where
+        M: Fn(&Config) -> RawFn + 'static,
+    {
+        self.push(name, Body::Now(Rc::new(make)))
+    }
+
+    /// The names served in-process, for config validation.
+    pub fn in_process(&self) -> InProcess {
+        InProcess { methods: self.regs.iter().map(|r| (r.name.clone(), matches!(r.body, Body::Later(_)))).collect() }
+    }
+
+    /// The worker's table: these methods, then the config's handler routes
+    /// (`route(method)` gives each one's pool and route index).
+    pub(crate) fn table(&self, cfg: &Config, mut route: impl FnMut(&str) -> Option<(usize, usize)>) -> Table {
+        let mut t = Table { names: Vec::new(), entries: Vec::new(), index: HashMap::default() };
+        for r in &self.regs {
+            let kind = match &r.body {
+                Body::Now(make) => Kind::Now(make(cfg)),
+                Body::Later(f) => {
+                    let timeout = cfg.methods.get(&r.name).map(|m| m.timeout()).unwrap_or(Duration::from_millis(crate::config::DEFAULT_TIMEOUT_MS));
+                    Kind::Later { f: f.clone(), timeout }
+                }
+            };
+            t.add(&r.name, &r.out, kind);
+        }
+        let routed: BTreeMap<&String, _> = cfg.methods.iter().filter(|(_, m)| m.handler.is_some()).collect();
+        for name in routed.keys() {
+            if let Some((pool, route)) = route(name) {
+                // The handler's reply carries its own `out`.
+                t.add(name, "", Kind::Handler { pool, route });
+            }
+        }
+        t
+    }
+}
+
+fn decode<P: DeserializeOwned>(name: &str, params: &str) -> Result<P, MethodError> {
+    serde_json::from_str(params).map_err(|e| MethodError::bad_params(format!("{name}: {e}")))
+}
+
+fn panicked(name: &str, e: Box<dyn std::any::Any + Send>) -> MethodError {
+    let what = e.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| e.downcast_ref::<String>().cloned()).unwrap_or_default();
+    log::error!("method {name} panicked: {what}");
+    MethodError::failed(format!("method {name} panicked: {what}"))
+}
+
+/// How an entry is served.
+pub(crate) enum Kind {
+    Now(RawFn),
+    Later { f: AsyncFn, timeout: Duration },
+    /// By the handler pool `pool` (its method route `route`).
+    Handler { pool: usize, route: usize },
+}
+
+pub(crate) struct Entry {
+    /// `{"out":"TAG","result":`, ready to copy.
+    pub prefix: Vec<u8>,
+    pub kind: Kind,
+}
+
+/// Method name → entry. Up to [`LINEAR`] names are found by comparing them
+/// in registration order (the built-ins first: `ping` is one comparison);
+/// more through a hash map.
+pub(crate) struct Table {
+    names: Vec<Box<str>>,
+    entries: Vec<Entry>,
+    index: HashMap<Box<str>, usize>,
+}
+
+const LINEAR: usize = 8;
+
+impl Table {
+    fn add(&mut self, name: &str, out: &str, kind: Kind) {
+        let mut prefix = b"{\"out\":".to_vec();
+        protocol::write_json_str(&mut prefix, out);
+        prefix.extend_from_slice(b",\"result\":");
+        self.index.insert(name.into(), self.entries.len());
+        self.names.push(name.into());
+        self.entries.push(Entry { prefix, kind });
+    }
+
+    #[inline]
+    pub fn get(&self, name: &str) -> Option<&Entry> {
+        if self.names.len() <= LINEAR {
+            let i = self.names.iter().position(|n| &**n == name)?;
+            return Some(&self.entries[i]);
+        }
+        self.index.get(name).map(|&i| &self.entries[i])
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(|n| &**n)
+    }
+}
+
+/// Answers a call to an entry that answers at once: one frame onto `out`.
+#[inline]
+pub(crate) fn answer_now(entry: &Entry, f: &RawFn, params: &str, id: Option<&str>, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&entry.prefix);
+    match f(params, out) {
+        Ok(()) => {
+            if let Some(id) = id {
+                out.extend_from_slice(b",\"id\":");
+                out.extend_from_slice(id.as_bytes());
+            }
+            out.push(b'}');
+            let len = (out.len() - start - 4) as u32;
+            out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        }
+        Err(e) => {
+            out.truncate(start);
+            protocol::error_frame_code(out, &e.code, &e.message, id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(t: &Table, name: &str, params: &str, id: Option<&str>) -> serde_json::Value {
+        let mut out = Vec::new();
+        let e = t.get(name).expect("method");
+        let Kind::Now(f) = &e.kind else { panic!("not synchronous") };
+        answer_now(e, f, params, id, &mut out);
+        assert_eq!(u32::from_le_bytes(out[..4].try_into().unwrap()) as usize + 4, out.len());
+        serde_json::from_slice(&out[4..]).unwrap()
+    }
+
+    #[test]
+    fn builtins_answer_as_the_protocol_says() {
+        let t = Methods::new().table(&Config::default(), |_| None);
+        let mut a = Vec::new();
+        answer_now(t.get("ping").unwrap(), match &t.get("ping").unwrap().kind { Kind::Now(f) => f, _ => unreachable!() }, "{\"x\":1}", Some("7"), &mut a);
+        let mut b = Vec::new();
+        protocol::handle(br#"{"in":"ping","params":{"x":1},"id":7}"#, &protocol::Limits { max_frame_bytes: 1 << 20, pi_max_terms: 10 }, &mut b);
+        assert_eq!(a, b);
+        assert_eq!(call(&t, "pi", "0", None)["result"].as_f64().unwrap().to_bits(), 2.8284271247461903f64.to_bits());
+        assert_eq!(call(&t, "pi", "10000001", None)["result"]["code"], "bad_params");
+        assert!(t.get("nope").is_none());
+    }
+
+    #[test]
+    fn typed_methods_decode_encode_and_survive_panics() {
+        let mut m = Methods::new();
+        m.method("add", |(a, b): (i64, i64)| Ok::<_, MethodError>(a + b)).out("sum");
+        m.method("boom", |_: serde_json::Value| -> Result<(), MethodError> { panic!("on purpose") });
+        m.method("fail", |_: ()| -> Result<(), MethodError> { Err(MethodError::new("my_code", "no")) });
+        let t = m.table(&Config::default(), |_| None);
+        let v = call(&t, "add", "[2,3]", Some("\"x\""));
+        assert_eq!(v, serde_json::json!({"out": "sum", "result": 5, "id": "x"}));
+        assert_eq!(call(&t, "add", "\"nope\"", None)["result"]["code"], "bad_params");
+        assert_eq!(call(&t, "boom", "null", None)["result"]["code"], "handler_failed");
+        assert_eq!(call(&t, "fail", "null", None)["result"], serde_json::json!({"code": "my_code", "message": "no"}));
+        assert_eq!(m.in_process().methods.get("add"), Some(&false));
+    }
+
+    #[test]
+    fn many_methods_use_the_index() {
+        let mut m = Methods::new();
+        for i in 0..20 {
+            m.method(&format!("m{i}"), move |_: ()| Ok::<_, MethodError>(i));
+        }
+        let t = m.table(&Config::default(), |_| None);
+        assert_eq!(call(&t, "m17", "null", None)["result"], 17);
+        assert_eq!(call(&t, "ping", "1", None)["result"], 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "registered twice")]
+    fn a_name_registered_twice_is_refused() {
+        let mut m = Methods::new();
+        m.method("ping", |_: ()| Ok::<_, MethodError>(()));
+    }
+}
