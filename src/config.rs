@@ -307,7 +307,8 @@ pub struct HandlerConfig {
     /// Working directory; a relative program path is taken from here.
     #[serde(default = "default_dir")]
     pub dir: PathBuf,
-    /// The environment is cleared, then this, then `RPCD_FD` and `RPCD_HANDLER`.
+    /// The environment is cleared, then this, then `RPCD_FD`, `RPCD_HANDLER`
+    /// and `RPCD_MAX_FRAME_BYTES` (names starting with `RPCD_` are rpcd's).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// Handler processes per worker.
@@ -500,8 +501,8 @@ impl Config {
                 if k.is_empty() || k.contains('=') || k.contains('\0') {
                     return Err(err(&key("env"), format!("\"{k}\" is not an environment variable name")));
                 }
-                if k == "RPCD_FD" || k == "RPCD_HANDLER" {
-                    return Err(err(&key("env"), format!("{k} is set by rpcd")));
+                if k.starts_with("RPCD_") {
+                    return Err(err(&key("env"), format!("{k}: RPCD_* variables are set by rpcd")));
                 }
             }
             if h.env.values().any(|v| v.contains('\0')) {

@@ -32,7 +32,12 @@ enum WorkerMsg {
     Fail(String),
     /// The handler processes it reaped before exiting.
     Reaped(Vec<Value>),
+    /// Its channel closed (it has exited): all it said has been read.
+    Closed,
 }
+
+/// How long a reaped worker's last reports may lag behind its exit.
+const LAST_WORDS: Duration = Duration::from_millis(500);
 
 struct Slot {
     backoff: Backoff,
@@ -88,6 +93,9 @@ pub struct Master {
     in_process: InProcess,
     /// Why the start failed (the daemon then stops and exits 1).
     start_failure: Option<String>,
+    /// Workers reaped before their channel closed: they are finished once
+    /// their last reports (the handlers they reaped) have been read.
+    exited: Vec<(Reaped, Worker, Instant)>,
     cur: Gen,
     next_gen_id: u64,
     pool: Pool,
@@ -184,6 +192,7 @@ impl Master {
         for w in cfg.warnings() {
             log::warn!("config: {w}");
         }
+        crate::pool::cloexec_inherited();
         // Handler processes orphaned by a worker that died are re-parented
         // to the master (not to init), which kills and reaps them.
         // SAFETY: prctl with constant arguments.
@@ -192,6 +201,7 @@ impl Master {
             config_path,
             in_process,
             start_failure: None,
+            exited: Vec::new(),
             cur: Gen::new(1, cfg, addr, Rc::new(listener)),
             next_gen_id: 2,
             pool: Pool::default(),
@@ -263,50 +273,69 @@ impl Master {
                 log::info!("reaped orphaned child {}: {}", r.pid, r.status);
                 continue;
             };
-            let with_handlers = |r: Reaped| {
-                let mut v = serde_json::to_value(&r).unwrap_or(Value::Null);
-                if !w.reaped_handlers.is_empty() || !w.handlers.is_empty() {
-                    v["handlers"] = Value::Array(w.reaped_handlers.clone());
-                }
-                v
-            };
-            if let Some(stop) = &mut self.stop {
-                log::info!("worker {} {}", r.pid, r.status);
-                stop.reaped.push(with_handlers(r));
-                continue;
-            }
-            if w.state == WState::Draining {
-                log::info!("retired worker {} {}", r.pid, r.status);
-                if let Some(op) = &mut self.reload {
-                    if op.old_pids.contains(&r.pid) {
-                        op.reaped.push(with_handlers(r));
-                    }
-                }
-                continue;
-            }
-            // An unexpected exit: respawn in its slot, with backoff.
-            let gen = if w.generation == self.cur.id {
-                Some(&mut self.cur)
+            if w.channel_closed {
+                self.finish_worker(r, w);
             } else {
-                self.reload.as_mut().and_then(|op| op.next.as_mut()).filter(|g| g.id == w.generation)
-            };
-            let Some(gen) = gen else {
-                log::warn!("worker {} of old generation {} {}", r.pid, w.generation, r.status);
-                continue;
-            };
-            let slot = &mut gen.slots[w.slot];
-            let delay = slot.backoff.exited(w.spawned.elapsed());
-            slot.respawn_at = Some(Instant::now() + delay);
-            log::warn!(
-                "worker {} (slot {}) {} after {:.1}s; respawning in {:.1}s (restart {})",
-                r.pid,
-                w.slot,
-                r.status,
-                w.spawned.elapsed().as_secs_f64(),
-                delay.as_secs_f64(),
-                slot.backoff.restarts
-            );
+                self.exited.push((r, w, Instant::now()));
+            }
         }
+    }
+
+    /// Finishes the exits whose channel has not closed within [`LAST_WORDS`].
+    fn finish_late_exits(&mut self) {
+        let now = Instant::now();
+        while let Some(i) = self.exited.iter().position(|(_, _, at)| now.duration_since(*at) >= LAST_WORDS) {
+            let (r, w, _) = self.exited.remove(i);
+            self.finish_worker(r, w);
+        }
+    }
+
+    /// A worker has exited and all it reported has been read: record it for
+    /// the stop or reload under way, or start its slot again.
+    fn finish_worker(&mut self, r: Reaped, w: Worker) {
+        let with_handlers = |r: Reaped| {
+            let mut v = serde_json::to_value(&r).unwrap_or(Value::Null);
+            if !w.reaped_handlers.is_empty() || !w.handlers.is_empty() {
+                v["handlers"] = Value::Array(w.reaped_handlers.clone());
+            }
+            v
+        };
+        if let Some(stop) = &mut self.stop {
+            log::info!("worker {} {}", r.pid, r.status);
+            stop.reaped.push(with_handlers(r));
+            return;
+        }
+        if w.state == WState::Draining {
+            log::info!("retired worker {} {}", r.pid, r.status);
+            if let Some(op) = &mut self.reload {
+                if op.old_pids.contains(&r.pid) {
+                    op.reaped.push(with_handlers(r));
+                }
+            }
+            return;
+        }
+        // An unexpected exit: respawn in its slot, with backoff.
+        let gen = if w.generation == self.cur.id {
+            Some(&mut self.cur)
+        } else {
+            self.reload.as_mut().and_then(|op| op.next.as_mut()).filter(|g| g.id == w.generation)
+        };
+        let Some(gen) = gen else {
+            log::warn!("worker {} of old generation {} {}", r.pid, w.generation, r.status);
+            return;
+        };
+        let slot = &mut gen.slots[w.slot];
+        let delay = slot.backoff.exited(w.spawned.elapsed());
+        slot.respawn_at = Some(Instant::now() + delay);
+        log::warn!(
+            "worker {} (slot {}) {} after {:.1}s; respawning in {:.1}s (restart {})",
+            r.pid,
+            w.slot,
+            r.status,
+            w.spawned.elapsed().as_secs_f64(),
+            delay.as_secs_f64(),
+            slot.backoff.restarts
+        );
     }
 
     /// Kills the children of the master that are not workers: handler
@@ -337,6 +366,18 @@ impl Master {
     }
 
     fn on_worker_msg(&mut self, pid: i32, msg: WorkerMsg) {
+        if let Some(i) = self.exited.iter().position(|(_, w, _)| w.pid == pid) {
+            // Reaped already: its last words.
+            match msg {
+                WorkerMsg::Reaped(r) => self.exited[i].1.reaped_handlers = r,
+                WorkerMsg::Closed => {
+                    let (r, w, _) = self.exited.remove(i);
+                    self.finish_worker(r, w);
+                }
+                _ => {}
+            }
+            return;
+        }
         let Some(w) = self.pool.workers.get_mut(&pid) else { return };
         w.last_seen = Instant::now();
         match msg {
@@ -351,6 +392,7 @@ impl Master {
                 w.connections = connections;
             }
             WorkerMsg::Handlers(h) => w.handlers = h,
+            WorkerMsg::Closed => w.channel_closed = true,
             WorkerMsg::Reaped(r) => w.reaped_handlers = r,
             WorkerMsg::Fail(why) => {
                 let (generation, slot) = (w.generation, w.slot);
@@ -403,6 +445,7 @@ impl Master {
     fn on_tick(&mut self) {
         notify::flush();
         self.on_reap(); // belt and braces: a lost SIGCHLD must not leave a zombie
+        self.finish_late_exits();
         let now = Instant::now();
         self.pool.enforce_deadlines(now);
         let hb_timeout = Duration::from_secs(self.cur.cfg.server.heartbeat_timeout_secs);
@@ -516,6 +559,7 @@ impl Master {
                     break;
                 }
             }
+            let _ = tx.send((pid, WorkerMsg::Closed));
         });
     }
 
@@ -751,7 +795,7 @@ impl Master {
             }
             return;
         }
-        if self.pool.alive(&op.old_pids) {
+        if self.pool.alive(&op.old_pids) || self.exited.iter().any(|(_, w, _)| op.old_pids.contains(&w.pid)) {
             return;
         }
         let op = self.reload.take().unwrap();
@@ -863,13 +907,16 @@ impl Master {
             }
             return;
         }
-        if self.pool.workers.is_empty() {
+        if self.pool.workers.is_empty() && self.exited.is_empty() {
             self.exit_code = Some(0);
         }
     }
 
     async fn finish_stop(mut self) -> i32 {
         self.on_reap();
+        for (r, w, _) in std::mem::take(&mut self.exited) {
+            self.finish_worker(r, w);
+        }
         let stop = self.stop.take().unwrap_or(StopOp { responders: vec![], deregister_until: None, reaped: vec![] });
         let pids: Vec<i64> = stop.reaped.iter().filter_map(|r| r["pid"].as_i64()).collect();
         log::info!("stopped: reaped worker(s) {pids:?}");

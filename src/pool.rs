@@ -203,6 +203,8 @@ pub struct Worker {
     pub handlers: BTreeMap<String, Vec<i32>>,
     /// What it reported reaping of its own children before it exited.
     pub reaped_handlers: Vec<serde_json::Value>,
+    /// Its channel has closed: everything it reported has been read.
+    pub channel_closed: bool,
     pub child: Child,
 }
 
@@ -260,6 +262,24 @@ pub fn reap() -> Vec<Reaped> {
         }
     }
     out
+}
+
+/// Marks every descriptor from 3 up close-on-exec: what this process
+/// inherited from whoever started it (a shell's, a test runner's) must not
+/// reach its children. Its own descriptors are close-on-exec already;
+/// children get theirs explicitly (command-fds).
+pub fn cloexec_inherited() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return };
+    let fds: Vec<i32> = dir.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).filter(|&fd| fd >= 3).collect();
+    for fd in fds {
+        // SAFETY: F_GETFD/F_SETFD on a descriptor number; a closed one just fails.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
 }
 
 /// Sends a signal; a process that is already gone is not an error.
@@ -323,6 +343,7 @@ impl Pool {
                 connections: 0,
                 handlers: BTreeMap::new(),
                 reaped_handlers: Vec::new(),
+                channel_closed: false,
                 child: Child::new(Target::Process(pid)),
             },
         );

@@ -197,7 +197,7 @@ pub(crate) fn ok_frame(out: &mut Vec<u8>, tag: &str, result: &[u8], id: Option<&
 /// Length of the JSON scalar at the front of `b` when it is one of the
 /// simple kinds: `null`, `true`, `false`, a number, or a string without
 /// escapes or control characters. None for anything else.
-fn simple_scalar_len(b: &[u8]) -> Option<usize> {
+pub(crate) fn simple_scalar_len(b: &[u8]) -> Option<usize> {
     match *b.first()? {
         b'n' => b.starts_with(b"null").then_some(4),
         b't' => b.starts_with(b"true").then_some(4),

@@ -67,10 +67,9 @@ pub fn run(methods: Methods) -> ! {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
     }
-    // Handler processes must not inherit the listener or the master's channel.
-    for fd in [LISTEN_FD, CHANNEL_FD] {
-        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    }
+    // Handler processes must not inherit the listener, the master's
+    // channel, or anything else this process inherited.
+    crate::pool::cloexec_inherited();
     let chan = unsafe { std::os::unix::net::UnixStream::from_raw_fd(CHANNEL_FD) };
     let mut line = String::new();
     if BufReader::new(&chan).read_line(&mut line).unwrap_or(0) == 0 {
@@ -102,12 +101,18 @@ impl Report {
         self.wr.write_all(s.as_bytes()).await.is_ok()
     }
 
-    async fn heartbeat(&mut self, sh: &Shared) -> bool {
+    /// The handler PIDs, if they changed since the last report.
+    async fn handlers(&mut self, sh: &Shared) -> bool {
         if sh.handlers.take_changed() {
             let pids = serde_json::to_string(&sh.handlers.pids()).unwrap_or_default();
-            if !self.line(&format!("handlers {pids}\n")).await {
-                return false;
-            }
+            return self.line(&format!("handlers {pids}\n")).await;
+        }
+        true
+    }
+
+    async fn heartbeat(&mut self, sh: &Shared) -> bool {
+        if !self.handlers(sh).await {
+            return false;
         }
         let msg = format!("hb {} {}\n", sh.requests.get(), sh.connections.get());
         self.line(&msg).await
@@ -218,6 +223,11 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
                     return 1;
                 }
             }
+            _ = shared.handlers.report.notified() => {
+                if !report.handlers(&shared).await {
+                    return 1;
+                }
+            }
             r = listener.as_ref().unwrap().accept() => match r {
                 Ok((stream, _)) => {
                     accept_backoff = Duration::from_millis(10);
@@ -266,6 +276,11 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
                     return 1;
                 }
             }
+            _ = shared.handlers.report.notified() => {
+                if !report.handlers(&shared).await {
+                    return 1;
+                }
+            }
         }
     }
     let requests = shared.requests.get();
@@ -283,8 +298,12 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
 /// Waits until every handler process is reaped (the kill ladder bounds it).
 async fn finish_handlers(handlers: &Handlers, cfg: &Config) {
     let limit = Instant::now() + cfg.max_kill_grace() * 2 + Duration::from_secs(1);
-    while !handlers.gone() && Instant::now() < limit {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    loop {
+        let exited = handlers.exited.notified();
+        if handlers.gone() || Instant::now() >= limit {
+            break;
+        }
+        let _ = tokio::time::timeout_at(limit, exited).await;
     }
     if !handlers.gone() {
         log::error!("handler processes still running after the kill ladder: {:?}", handlers.pids());

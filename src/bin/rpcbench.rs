@@ -9,10 +9,16 @@
 //! daemon's own `protocol::handle`, so it is exact). Latency is measured per
 //! request from when it was queued to when its reply was read.
 //!
+//! Methods that are not built in (handler processes, a library user's
+//! methods, another server) are checked against `--reply-as ping` (the reply
+//! is the one built-in `ping` would give for these params: right for any
+//! echo) or `--expect BODY` (the literal reply body, e.g. the original
+//! server's `{"out": "pong", "result": null}`).
+//!
 //! ```text
-//! rpcbench --addr 127.0.0.1:8001 [--proto rpcd|redis] [--method ping|pi]
-//!          [--params JSON] [--conns 16] [--depth 1] [--duration 5]
-//!          [--warmup 1] [--kv]
+//! rpcbench --addr 127.0.0.1:8001 [--proto rpcd|redis] [--method ping|pi|NAME]
+//!          [--params JSON] [--reply-as ping|pi | --expect BODY]
+//!          [--conns 16] [--depth 1] [--duration 5] [--warmup 1] [--kv]
 //! ```
 
 use mio::net::TcpStream;
@@ -24,7 +30,8 @@ use std::process::exit;
 use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage: rpcbench --addr HOST:PORT [--proto rpcd|redis] [--method ping|pi|NAME] \
-[--params JSON] [--conns N] [--depth D] [--duration SECS] [--warmup SECS] [--kv]";
+[--params JSON] [--reply-as ping|pi | --expect BODY] [--conns N] [--depth D] [--duration SECS] \
+[--warmup SECS] [--kv]";
 
 /// Caps: every loop here is bounded.
 const MAX_CONNS: usize = 10_000;
@@ -43,6 +50,10 @@ struct Args {
     proto: Proto,
     method: String,
     params: Option<String>,
+    /// Check replies as if the request had called this built-in method.
+    reply_as: Option<String>,
+    /// Check replies against this literal body.
+    expect: Option<String>,
     conns: usize,
     depth: usize,
     duration: f64,
@@ -61,6 +72,8 @@ fn parse_args() -> Args {
         proto: Proto::Rpcd,
         method: "ping".into(),
         params: None,
+        reply_as: None,
+        expect: None,
         conns: 16,
         depth: 1,
         duration: 5.0,
@@ -87,6 +100,8 @@ fn parse_args() -> Args {
             }
             "--method" => a.method = val(),
             "--params" => a.params = Some(val()),
+            "--reply-as" => a.reply_as = Some(val()),
+            "--expect" => a.expect = Some(val()),
             "--conns" | "-c" => a.conns = val().parse().unwrap_or_else(|_| die("bad --conns")),
             "--depth" | "-P" => a.depth = val().parse().unwrap_or_else(|_| die("bad --depth")),
             "--duration" | "-d" => a.duration = val().parse().unwrap_or_else(|_| die("bad --duration")),
@@ -105,6 +120,9 @@ fn parse_args() -> Args {
     if a.depth == 0 || a.depth > MAX_DEPTH {
         die(&format!("--depth must be 1..={MAX_DEPTH}"));
     }
+    if a.reply_as.is_some() && a.expect.is_some() {
+        die("--reply-as and --expect exclude each other");
+    }
     let valid = |v: f64| (0.0..=MAX_DURATION).contains(&v); // false for NaN too
     if !valid(a.duration) || a.duration == 0.0 || !valid(a.warmup) {
         die("--duration must be in (0, 3600] and --warmup in [0, 3600]");
@@ -116,26 +134,43 @@ fn parse_args() -> Args {
 fn request_and_reply(a: &Args) -> (Vec<u8>, Vec<u8>) {
     match a.proto {
         Proto::Redis => {
-            if !a.method.eq_ignore_ascii_case("ping") || a.params.is_some() {
-                die("--proto redis speaks only PING without params");
+            if !a.method.eq_ignore_ascii_case("ping") || a.params.is_some() || a.reply_as.is_some() || a.expect.is_some() {
+                die("--proto redis speaks only PING without params (and checks +PONG)");
             }
             (b"PING\r\n".to_vec(), b"+PONG\r\n".to_vec())
         }
         Proto::Rpcd => {
-            let params = a.params.clone().unwrap_or_else(|| if a.method == "pi" { "1000".into() } else { "null".into() });
-            let mut body = Vec::new();
-            body.extend_from_slice(b"{\"in\":");
-            serde_json::to_writer(&mut body, &a.method).unwrap();
-            body.extend_from_slice(b",\"params\":");
-            body.extend_from_slice(params.as_bytes());
-            body.push(b'}');
-            let mut req = (body.len() as u32).to_le_bytes().to_vec();
-            req.extend_from_slice(&body);
-            // The daemon's own handler gives the exact expected reply.
+            let like = a.reply_as.as_deref().unwrap_or(&a.method);
+            let params = a.params.clone().unwrap_or_else(|| if like == "pi" { "1000".into() } else { "null".into() });
+            let body = |method: &str| {
+                let mut body = Vec::new();
+                body.extend_from_slice(b"{\"in\":");
+                serde_json::to_writer(&mut body, method).unwrap();
+                body.extend_from_slice(b",\"params\":");
+                body.extend_from_slice(params.as_bytes());
+                body.push(b'}');
+                body
+            };
+            let sent = body(&a.method);
+            let mut req = (sent.len() as u32).to_le_bytes().to_vec();
+            req.extend_from_slice(&sent);
+            if let Some(e) = &a.expect {
+                let mut reply = (e.len() as u32).to_le_bytes().to_vec();
+                reply.extend_from_slice(e.as_bytes());
+                return (req, reply);
+            }
+            // The daemon's own handler gives the exact expected reply (of
+            // the method itself, or of the one named by --reply-as).
             let limits = rpcd::protocol::Limits { max_frame_bytes: u32::MAX, pi_max_terms: u64::MAX };
             let mut reply = Vec::new();
-            if let Some(code) = rpcd::protocol::handle(&body, &limits, &mut reply) {
-                die(&format!("request {} would be answered with {}", String::from_utf8_lossy(&body), code.as_str()));
+            let checked = body(like);
+            if let Some(code) = rpcd::protocol::handle(&checked, &limits, &mut reply) {
+                let hint = if a.reply_as.is_none() && code.as_str() == "unknown_method" {
+                    " (not a built-in method: check its replies with --reply-as ping or --expect BODY)"
+                } else {
+                    ""
+                };
+                die(&format!("request {} would be answered with {}{hint}", String::from_utf8_lossy(&checked), code.as_str()));
             }
             (req, reply)
         }

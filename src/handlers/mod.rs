@@ -40,16 +40,41 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
 
+/// Hashes the worker's own call ids (sequential u64s, never chosen by a
+/// client) with one multiplication: SipHash would cost more than the rest of
+/// a call's bookkeeping.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type Calls = HashMap<u64, Call, BuildHasherDefault<IdHasher>>;
+
 /// After a channel's EOF, how long to wait for the process's exit status
 /// before answering its calls without it.
 const LOST_GRACE: Duration = Duration::from_millis(200);
-/// Check a busy process's RSS at most this often.
+/// Check a busy process's RSS at most this often ...
 const RSS_EVERY: Duration = Duration::from_millis(250);
+/// ... and an idle one's this often.
+const RSS_IDLE_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PState {
@@ -119,7 +144,7 @@ struct Pool {
     slots: Vec<Slot>,
     procs: BTreeMap<i32, Proc>,
     queue: VecDeque<u64>,
-    calls: HashMap<u64, Call>,
+    calls: Calls,
     /// Why processes could not be started lately (for `unavailable`).
     last_error: Option<String>,
 }
@@ -133,6 +158,10 @@ pub struct Handlers {
     scheduled: Cell<Option<Instant>>,
     /// The handler PIDs changed since they were last reported.
     changed: Cell<bool>,
+    /// Wakes the worker to report the handler PIDs to the master.
+    pub report: Notify,
+    /// A handler process was reaped.
+    pub exited: Notify,
     /// A warmup failed or a process could not start while `strict`.
     startup: Notify,
     me: RefCell<Weak<Handlers>>,
@@ -152,13 +181,40 @@ struct Inner {
 }
 
 /// A handler's answer frame.
-#[derive(Deserialize)]
+#[derive(Deserialize, Debug)]
 struct Answer<'a> {
     id: u64,
     #[serde(borrow)]
     out: &'a RawValue,
     #[serde(borrow, default)]
     result: Option<&'a RawValue>,
+}
+
+/// The common answer, `{"id":N,"out":"TAG","result":R}` with R a simple
+/// scalar and no whitespace, without serde_json; None for anything else
+/// (which serde_json then reads, with the same result).
+fn quick_answer(body: &[u8]) -> Option<Answer<'_>> {
+    let text = std::str::from_utf8(body).ok()?;
+    let rest = text.strip_prefix("{\"id\":")?;
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 || digits > 20 || (digits > 1 && rest.starts_with('0')) {
+        return None;
+    }
+    let id: u64 = rest[..digits].parse().ok()?;
+    let rest = rest[digits..].strip_prefix(",\"out\":")?;
+    let out_len = protocol::simple_scalar_len(rest.as_bytes())?;
+    if !rest.starts_with('"') {
+        return None;
+    }
+    let (out, rest) = rest.split_at(out_len);
+    let rest = rest.strip_prefix(",\"result\":")?;
+    let result = rest.strip_suffix('}')?;
+    if protocol::simple_scalar_len(result.as_bytes())? != result.len() {
+        return None;
+    }
+    let out: &RawValue = serde_json::from_str(out).ok()?;
+    let result: &RawValue = serde_json::from_str(result).ok()?;
+    Some(Answer { id, out, result: Some(result) })
 }
 
 impl Handlers {
@@ -184,7 +240,7 @@ impl Handlers {
                 slots,
                 procs: BTreeMap::new(),
                 queue: VecDeque::new(),
-                calls: HashMap::new(),
+                calls: Calls::default(),
                 last_error: None,
             });
         }
@@ -202,6 +258,8 @@ impl Handlers {
             wake: Notify::new(),
             scheduled: Cell::new(None),
             changed: Cell::new(true),
+            report: Notify::new(),
+            exited: Notify::new(),
             startup: Notify::new(),
             me: RefCell::new(Weak::new()),
         });
@@ -289,9 +347,11 @@ impl Handlers {
             p.queue.push_back(id);
         }
         r.deadlines.push_back((deadline, id));
-        p.calls.insert(id, Call { route, deadline, reply: Some(reply), params: Some(params.into()), on: None });
+        // The params are copied only for a call that has to wait.
+        let waiting = free.is_none().then(|| params.into());
+        p.calls.insert(id, Call { route, deadline, reply: Some(reply), params: waiting, on: None });
         if let Some(pid) = free {
-            p.send(id, pid, now);
+            p.send(id, pid, now, Some(params));
         }
         drop(inner);
         self.due_at(deadline);
@@ -340,6 +400,17 @@ impl Handlers {
                 let msg = format!("warmup did not answer within {}s", inner.warmup_timeout.as_secs());
                 inner.warmup_failed(self, p, pid, &msg);
             }
+            if inner.pools[p].cfg.max_rss_mb > 0 && !retiring {
+                let idle: Vec<i32> = inner.pools[p]
+                    .procs
+                    .iter()
+                    .filter(|(_, c)| c.state == PState::Ready && now.duration_since(c.rss_checked) >= RSS_IDLE_EVERY)
+                    .map(|(&pid, _)| pid)
+                    .collect();
+                for pid in idle {
+                    inner.check_recycle(self, p, pid, now);
+                }
+            }
             if !retiring {
                 for s in 0..inner.pools[p].slots.len() {
                     let slot = &inner.pools[p].slots[s];
@@ -369,7 +440,7 @@ impl Handlers {
         let name = pool.name.clone();
         let c = pool.procs.remove(&r.pid).expect("present");
         inner.reaped.push(json!({"pid": r.pid, "handler": name, "status": r.status}));
-        self.changed.set(true);
+        h_changed(self);
         if !expected {
             if warming {
                 let msg = format!("{} during warmup", r.status);
@@ -384,6 +455,7 @@ impl Handlers {
         inner.flush_if_unusable(p);
         drop(inner);
         self.wake.notify_one();
+        self.exited.notify_waiters();
         true
     }
 
@@ -408,7 +480,7 @@ impl Handlers {
         if matches!(c.state, PState::Closing | PState::Killed) {
             return true; // no longer listened to
         }
-        let ans: Answer = match serde_json::from_slice::<Answer>(body) {
+        let ans: Answer = match quick_answer(body).map(Ok).unwrap_or_else(|| serde_json::from_slice::<Answer>(body)) {
             Ok(a) if a.out.get().starts_with('"') => a,
             Ok(_) => return inner.protocol_error(self, pool, pid, "sent a reply whose \"out\" is not a string"),
             Err(e) => {
@@ -519,6 +591,12 @@ impl Handlers {
     }
 }
 
+/// The set of handler PIDs changed: report it soon.
+fn h_changed(h: &Handlers) {
+    h.changed.set(true);
+    h.report.notify_one();
+}
+
 /// Reads a process's answers until its channel ends.
 async fn reader(h: Weak<Handlers>, pool: usize, pid: i32, mut rd: tokio::net::unix::OwnedReadHalf, max_frame: u32) {
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
@@ -587,11 +665,13 @@ impl Pool {
             .map(|(&pid, _)| pid)
     }
 
-    /// Sends call `id` to process `pid`.
-    fn send(&mut self, id: u64, pid: i32, now: Instant) {
+    /// Sends call `id` to process `pid` (with `params`, or those it kept
+    /// while it waited).
+    fn send(&mut self, id: u64, pid: i32, now: Instant, params: Option<&str>) {
         let Some(call) = self.calls.get_mut(&id) else { return };
         let Some(c) = self.procs.get_mut(&pid) else { return };
-        let params = call.params.take().unwrap_or_else(|| "null".into());
+        let kept = call.params.take();
+        let params = params.or(kept.as_deref()).unwrap_or("null");
         let left = call.deadline.saturating_duration_since(now).as_millis().max(1);
         let route = &self.routes[call.route];
         c.io.send(|w| {
@@ -623,7 +703,7 @@ impl Pool {
                 self.calls.remove(&id);
                 continue;
             }
-            self.send(id, pid, now);
+            self.send(id, pid, now, None);
         }
     }
 
@@ -691,7 +771,8 @@ impl Pool {
         let lost = self.procs.values().filter_map(|c| c.lost_at.map(|t| t + LOST_GRACE));
         let warm = self.procs.values().filter_map(|c| c.warmup.map(|(_, d)| d));
         let starts = self.slots.iter().filter(|s| s.current.is_none()).filter_map(|s| s.respawn_at);
-        deadlines.chain(ladders).chain(lost).chain(warm).chain(starts).min()
+        let rss = self.procs.values().filter(|c| self.cfg.max_rss_mb > 0 && c.state == PState::Ready).map(|c| c.rss_checked + RSS_IDLE_EVERY);
+        deadlines.chain(ladders).chain(lost).chain(warm).chain(starts).chain(rss).min()
     }
 }
 
@@ -716,7 +797,7 @@ impl Inner {
         let id = self.next_id;
         let pool = &mut self.pools[p];
         pool.slots[s].respawn_at = None;
-        let spawned = match process::spawn(&pool.name, &pool.cfg) {
+        let spawned = match process::spawn(&pool.name, &pool.cfg, self.max_frame) {
             Ok(sp) => sp,
             Err(e) => {
                 let msg = format!("cannot start {}: {e}", pool.cfg.exec[0]);
@@ -773,7 +854,7 @@ impl Inner {
         pool.procs.insert(pid, c);
         pool.slots[s].current = Some(pid);
         let name = pool.name.clone();
-        h.changed.set(true);
+        h_changed(h);
         h.start_io(p, &name, spawned, io, self.max_frame);
         if ready {
             self.became_ready(h, p, pid);
@@ -894,6 +975,24 @@ impl Inner {
     /// After `pid` answered a call: recycle if due, feed it, or close it.
     fn after_reply(&mut self, h: &Handlers, p: usize, pid: i32) {
         let now = Instant::now();
+        self.check_recycle(h, p, pid, now);
+        let pool = &mut self.pools[p];
+        match pool.procs.get(&pid).map(|c| (c.state, c.inflight.is_empty())) {
+            Some((PState::Ready, _)) => pool.feed(pid, now),
+            Some((PState::Draining, true)) => pool.close_proc(pid),
+            _ => {}
+        }
+        // Whatever waits may fit on another process now.
+        if !pool.queue.is_empty() {
+            if let Some(other) = pool.free_proc() {
+                pool.feed(other, now);
+            }
+        }
+    }
+
+    /// Starts the replacement of `pid` if it has served `max_requests` or
+    /// its RSS is over `max_rss_mb` (looked at every [`RSS_EVERY`] at most).
+    fn check_recycle(&mut self, h: &Handlers, p: usize, pid: i32, now: Instant) {
         let pool = &mut self.pools[p];
         let Some(c) = pool.procs.get_mut(&pid) else { return };
         let mut recycle = None;
@@ -924,18 +1023,6 @@ impl Inner {
                 if let Some(c) = pool.procs.get_mut(&pid) {
                     c.limit = c.limit.map(|l| l + pool.cfg.max_requests.max(1));
                 }
-            }
-        }
-        let pool = &mut self.pools[p];
-        match pool.procs.get(&pid).map(|c| (c.state, c.inflight.is_empty())) {
-            Some((PState::Ready, _)) => pool.feed(pid, now),
-            Some((PState::Draining, true)) => pool.close_proc(pid),
-            _ => {}
-        }
-        // Whatever waits may fit on another process now.
-        if !pool.queue.is_empty() {
-            if let Some(other) = pool.free_proc() {
-                pool.feed(other, now);
             }
         }
     }
@@ -1018,5 +1105,39 @@ impl Inner {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_quick_answer_reads_what_serde_json_reads() {
+        let cases = [
+            r#"{"id":7,"out":"pong","result":null}"#,
+            r#"{"id":0,"out":"x","result":-1.5e3}"#,
+            r#"{"id":18446744073709551615,"out":"s","result":"text"}"#,
+            r#"{"id":7,"out":"pong","result":{"a":1}}"#,
+            r#"{"id":7,"out":"po\"ng","result":1}"#,
+            r#"{"id":07,"out":"pong","result":1}"#,
+            r#"{"id":7, "out":"pong","result":1}"#,
+            r#"{"id":7,"out":5,"result":1}"#,
+            r#"{"id":7,"out":"pong","result":1,"x":2}"#,
+            r#"{"id":7,"out":"pong","result":tru}"#,
+            r#"{"id":-1,"out":"pong","result":1}"#,
+            r#"{"id":18446744073709551616,"out":"s","result":1}"#,
+        ];
+        let mut quick = 0;
+        for c in cases {
+            // (A null result is None to serde_json: both are answered as null.)
+            let seen = |a: Answer| (a.id, a.out.get().to_string(), a.result.map_or("null".to_string(), |r| r.get().to_string()));
+            let slow = serde_json::from_str::<Answer>(c).ok().map(seen);
+            if let Some(a) = quick_answer(c.as_bytes()) {
+                quick += 1;
+                assert_eq!(Some(seen(a)), slow, "{c}");
+            }
+        }
+        assert_eq!(quick, 3);
     }
 }

@@ -42,7 +42,7 @@ pub struct Spawned {
 
 /// Starts `cfg.exec` as handler `name`. Fails (with exec's error) if the
 /// program cannot be run.
-pub fn spawn(name: &str, cfg: &HandlerConfig) -> io::Result<Spawned> {
+pub fn spawn(name: &str, cfg: &HandlerConfig, max_frame: u32) -> io::Result<Spawned> {
     let (ours, theirs) = UnixStream::pair()?;
     let mut cmd = Command::new(&cfg.exec[0]);
     cmd.args(&cfg.exec[1..])
@@ -51,6 +51,7 @@ pub fn spawn(name: &str, cfg: &HandlerConfig) -> io::Result<Spawned> {
         .envs(&cfg.env)
         .env("RPCD_FD", HANDLER_FD.to_string())
         .env("RPCD_HANDLER", name)
+        .env("RPCD_MAX_FRAME_BYTES", max_frame.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -200,7 +201,21 @@ pub async fn log_output(fd: OwnedFd, name: String, pid: i32, stderr: bool) {
         *cut = 0;
     };
     loop {
-        let n = match rx.read(&mut buf).await {
+        // Lines dropped are reported within a second, even if no more come.
+        let read = if rate.dropped > 0 {
+            match tokio::time::timeout(Duration::from_secs(1), rx.read(&mut buf)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    if let Some(n) = rate.report(true) {
+                        log::warn!("handler {name}[{pid}]: {n} output line(s) not logged (over {LINES_PER_SEC} lines/s)");
+                    }
+                    continue;
+                }
+            }
+        } else {
+            rx.read(&mut buf).await
+        };
+        let n = match read {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };

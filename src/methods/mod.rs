@@ -283,7 +283,9 @@ impl Table {
     #[inline]
     pub fn get(&self, name: &str) -> Option<&Entry> {
         if self.names.len() <= LINEAR {
-            let i = self.names.iter().position(|n| &**n == name)?;
+            // Length and first byte before the whole comparison.
+            let b = name.as_bytes();
+            let i = self.names.iter().position(|n| n.len() == b.len() && n.as_bytes().first() == b.first() && n.as_bytes() == b)?;
             return Some(&self.entries[i]);
         }
         self.index.get(name).map(|&i| &self.entries[i])

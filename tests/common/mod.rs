@@ -142,12 +142,57 @@ pub struct Opts {
     pub watchdog_usec: Option<u64>,
     /// Body of the [log] table (default: stderr at info).
     pub log: Option<String>,
+    /// Files written into the daemon's temp dir before it starts (name,
+    /// contents); `{dir}` in the config text stands for that dir.
+    pub files: Vec<(String, String)>,
+    /// The daemon binary (default: rpcd).
+    pub binary: Option<PathBuf>,
 }
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts { workers: 2, extra_server: String::new(), zookeeper: None, extra: String::new(), wait_ready: true, env: vec![], watchdog_usec: None, log: None }
+        Opts {
+            workers: 2,
+            extra_server: String::new(),
+            zookeeper: None,
+            extra: String::new(),
+            wait_ready: true,
+            env: vec![],
+            watchdog_usec: None,
+            log: None,
+            files: vec![],
+            binary: None,
+        }
     }
+}
+
+/// The Python interpreter for handler processes (their environment is
+/// cleared, so it must be a real path, not a shim that needs PATH).
+pub const PYTHON: &str = "/usr/bin/python3";
+/// The repo's share/ (rpcd_handler.py), for PYTHONPATH.
+pub const SHARE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/share");
+/// The repo's tests/ dir.
+pub const TESTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests");
+
+/// A binary built from examples/ (`cargo build --release --examples`,
+/// which scripts/test-all runs): next to the test binary's deps/ dir.
+pub fn example_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().and_then(|d| d.parent()).unwrap().join("examples").join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --release --examples` first", p.display());
+    p
+}
+
+/// Process group of a process.
+pub fn pgid(pid: i32) -> Option<i32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit(')').next()?.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Parent of a process.
+pub fn ppid(pid: i32) -> Option<i32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
 }
 
 impl Daemon {
@@ -178,7 +223,14 @@ impl Daemon {
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
         let mut d = Daemon { dir, port, config, socket, child: None, pid: 0, notify, notes: vec![], known: vec![] };
-        std::fs::write(&d.config, d.config_text(&o)).unwrap();
+        for (name, text) in &o.files {
+            let p = d.dir.path().join(name);
+            std::fs::write(&p, text.replace("{dir}", &d.dir.path().display().to_string())).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let text = d.config_text(&o).replace("{dir}", &d.dir.path().display().to_string());
+        std::fs::write(&d.config, text).unwrap();
         let log = std::fs::File::create(d.dir.path().join("rpcd.log")).unwrap();
         let mut cmd = match o.watchdog_usec {
             Some(usec) => {
@@ -186,7 +238,7 @@ impl Daemon {
                 c.args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\"", RPCD]).env("WATCHDOG_USEC", usec.to_string());
                 c
             }
-            None => Command::new(RPCD),
+            None => Command::new(o.binary.clone().unwrap_or_else(|| RPCD.into())),
         };
         cmd.arg("--config").arg(&d.config).env("NOTIFY_SOCKET", &notify_path).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
         for (k, v) in &o.env {
@@ -305,6 +357,25 @@ impl Daemon {
 
     pub fn rewrite_config(&self, text: &str) {
         std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Handler PIDs of every worker, from `status --json`: (worker, pool, pid).
+    pub fn handler_pids(&mut self) -> Vec<(i32, String, i32)> {
+        let v = self.status();
+        let mut out = Vec::new();
+        for w in v["workers"].as_array().unwrap() {
+            let wp = w["pid"].as_i64().unwrap() as i32;
+            for (pool, pids) in w["handlers"].as_object().into_iter().flatten() {
+                for p in pids.as_array().unwrap() {
+                    let pid = p.as_i64().unwrap() as i32;
+                    out.push((wp, pool.clone(), pid));
+                    if !self.known.contains(&pid) {
+                        self.known.push(pid);
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
