@@ -358,8 +358,12 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-/// Byte offset of `key = ` for a dotted path such as `server.workers`.
+/// Byte offset of `key = ` for a dotted path such as `server.workers`, or
+/// of the table header `[methods.add]` for a table's path.
 fn find_key(text: &str, path: &str) -> Option<usize> {
+    if let Some(at) = find_header(text, path) {
+        return Some(at);
+    }
     let mut parts: Vec<&str> = path.split('.').collect();
     let key = parts.pop()?;
     let table = parts.join(".");
@@ -396,6 +400,23 @@ impl InProcess {
     pub fn builtin() -> InProcess {
         InProcess { methods: BTreeMap::from([("ping".to_string(), false), ("pi".to_string(), false)]) }
     }
+}
+
+/// Byte offset of the header `[path]` (spaces and quotes as TOML allows).
+fn find_header(text: &str, path: &str) -> Option<usize> {
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        if t.starts_with('[') && !t.starts_with("[[") {
+            let name = t.trim_start_matches('[').split(']').next().unwrap_or("");
+            let name: Vec<String> = name.split('.').map(|p| p.trim().trim_matches('"').to_string()).collect();
+            if name.join(".") == path {
+                return Some(offset + line.find('[').unwrap_or(0));
+            }
+        }
+        offset += line.len();
+    }
+    None
 }
 
 impl Config {
@@ -748,6 +769,22 @@ mod tests {
         assert!(e.starts_with("t:2:") && e.contains("server.listen"), "{e}");
         let e = Config::parse("[server]\nadvertise = \"0.0.0.0:1\"\n", "t").unwrap_err().0;
         assert!(e.contains("server.advertise"), "{e}");
+    }
+
+    #[test]
+    fn handler_and_method_errors_name_key_and_line() {
+        let e = Config::parse("[server]\n\n[methods.x]\nqueue = 3\n", "t").unwrap_err().0;
+        assert!(e.starts_with("t:3:") && e.contains("methods.x") && e.contains("needs handler"), "{e}");
+        let e = Config::parse("[handlers.h]\nexec = [\"/bin/true\"]\nprocesses = 0\n", "t").unwrap_err().0;
+        assert!(e.starts_with("t:3:") && e.contains("handlers.h.processes"), "{e}");
+        let e = Config::parse("[handlers.h]\nexec = [\"/bin/true\"]\nenv = { RPCD_X = \"1\" }\n", "t").unwrap_err().0;
+        assert!(e.contains("RPCD_X") && e.contains("set by rpcd"), "{e}");
+        let c = Config::parse("[handlers.h]\nexec = [\"true\"]\n[methods.m]\nhandler = \"h\"\n", "t").unwrap();
+        assert!(c.handlers["h"].exec[0].starts_with('/'), "a bare name is resolved: {:?}", c.handlers["h"].exec);
+        assert_eq!(c.methods["m"].timeout(), std::time::Duration::from_millis(5000));
+        assert_eq!(c.methods["m"].queue(), 64);
+        assert!(c.warnings().is_empty());
+        assert_eq!(c.worker_grace(), std::time::Duration::from_secs(10 + 2 + 1));
     }
 
     #[test]

@@ -159,6 +159,7 @@ fn in_order(out: &mut Vec<u8>, start: usize, replies: &Option<Rc<Replies>>) {
 }
 
 /// Answers one request body: at once onto `out`, or later through a slot.
+#[inline(always)]
 fn dispatch(body: &[u8], out: &mut Vec<u8>, sh: &Shared, replies: &mut Option<Rc<Replies>>) {
     let start = out.len();
     match protocol::parse(body) {
@@ -346,14 +347,16 @@ async fn connection(mut stream: TcpStream, sh: &Shared) {
                 if !draining && sh.draining.get() {
                     return Poll::Ready(Event::Drain);
                 }
+                // Deferred replies or a half-close: the plain path skips this.
+                let mut read = true;
                 if let Some(r) = &replies {
                     r.set_waker(cx.waker());
                     if r.front_ready() {
                         return Poll::Ready(Event::Replies);
                     }
+                    read = !eof && r.len() < MAX_OUTSTANDING;
                 }
-                let room = replies.as_ref().map_or(true, |r| r.len() < MAX_OUTSTANDING);
-                if !eof && room {
+                if read {
                     match poll_read_into(cx, &mut stream, sh, &mut pending, need) {
                         Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Event::Eof),
                         Poll::Ready(Ok(n)) => return Poll::Ready(Event::Data(n)),

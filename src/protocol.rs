@@ -332,6 +332,7 @@ impl Parsed<'_> {
 
 /// Parses one request body: the borrow-only fast path for the common
 /// shape, serde_json for everything else (both answer alike).
+#[inline(always)]
 pub fn parse(body: &[u8]) -> Parsed<'_> {
     let text = if body.is_ascii() {
         // SAFETY: ASCII is UTF-8 (and the check is much cheaper for short bodies).

@@ -205,21 +205,92 @@ fn rpcctl_1_documents_every_command_and_option() {
     }
 }
 
-/// (table, key) → default value, from the daemon's own defaults.
-fn config_keys() -> Vec<(String, String, Value)> {
-    fn walk(table: &str, v: &Value, out: &mut Vec<(String, String, Value)>) {
+/// What the manual must say a key's default is.
+#[derive(Debug, Clone, PartialEq)]
+enum Dflt {
+    /// `Default: .Li VALUE` (as TOML writes it).
+    Value(Value),
+    /// `Default: unset.`
+    Unset,
+    /// No default: the item says `Required.`
+    Required,
+}
+
+/// The name that stands for any name in the templates `[handlers.NAME]`
+/// and `[methods.NAME]`.
+const ANY: &str = "NAME";
+
+/// The smallest configuration with one handler pool and one method routed
+/// to it: the template of `[handlers.NAME]` and `[methods.NAME]`.
+fn template() -> String {
+    format!("[handlers.{ANY}]\nexec = [\"/bin/sh\"]\n\n[methods.{ANY}]\nhandler = \"{ANY}\"\n")
+}
+
+/// Every key that a table takes, as the daemon's own "unknown key" error
+/// lists them (Option keys included, which serialization leaves out).
+/// `table_text` is the table's header and the keys it needs to be valid.
+fn keys_of(table_text: &str) -> Vec<String> {
+    let text = format!("{table_text}zz_not_a_key = 1\n");
+    let e = Config::parse(&text, "t").expect_err("an unknown key is an error").0;
+    let (_, expected) = e.split_once("expected").unwrap_or_else(|| panic!("no key list in {e:?}"));
+    let keys: Vec<String> = expected.split('`').skip(1).step_by(2).map(str::to_string).collect();
+    assert!(!keys.is_empty(), "no key list in {e:?}");
+    keys
+}
+
+/// (table, key) → default, from the daemon's own defaults: every key of
+/// `Config::default()`, and every key of the templates `[handlers.NAME]`
+/// and `[methods.NAME]` with the default rpcd applies when it is left out.
+fn config_keys() -> Vec<(String, String, Dflt)> {
+    fn walk(table: &str, v: &Value, out: &mut Vec<(String, String, Dflt)>) {
         for (k, v) in v.as_object().unwrap() {
             match v {
-                Value::Object(_) if table.is_empty() || table == "methods" => {
+                Value::Object(_) if table.is_empty() || table == "methods" || table == "handlers" => {
                     let t = if table.is_empty() { k.clone() } else { format!("{table}.{k}") };
                     walk(&t, v, out)
                 }
-                _ => out.push((table.to_string(), k.clone(), v.clone())),
+                Value::Null => out.push((table.to_string(), k.clone(), Dflt::Unset)),
+                _ => out.push((table.to_string(), k.clone(), Dflt::Value(v.clone()))),
             }
         }
     }
     let mut out = Vec::new();
-    walk("", &serde_json::to_value(Config::default()).unwrap(), &mut out);
+    let defaults = Config::default();
+    assert!(defaults.handlers.is_empty(), "handler pools by default?");
+    walk("", &serde_json::to_value(&defaults).unwrap(), &mut out);
+    // The in-process `pi` takes max_terms and nothing else.
+    assert_eq!(defaults.methods.keys().collect::<Vec<_>>(), ["pi"]);
+
+    let t = Config::parse(&template(), "template").unwrap_or_else(|e| panic!("the template does not parse: {e}"));
+    let ser = serde_json::to_value(&t).unwrap();
+    let pool = &ser["handlers"][ANY];
+    for k in keys_of(&format!("[handlers.{ANY}]\nexec = [\"/bin/sh\"]\n")) {
+        let d = match (k.as_str(), &pool[&k]) {
+            ("exec", _) => Dflt::Required,
+            // Left out when unset (warmup), or a new key: the manual must
+            // then say "unset", or this test learns its default.
+            (_, Value::Null) => Dflt::Unset,
+            (_, v) => Dflt::Value(v.clone()),
+        };
+        out.push((format!("handlers.{ANY}"), k, d));
+    }
+    let m = &t.methods[ANY];
+    let mut method_keys = keys_of(&format!("[methods.{ANY}]\n"));
+    // Documented under [methods.pi], the only method that takes it.
+    assert!(out.iter().any(|(t, k, _)| t == "methods.pi" && k == "max_terms"));
+    method_keys.retain(|k| k != "max_terms");
+    for k in method_keys {
+        let d = match k.as_str() {
+            "handler" => Dflt::Required,
+            "timeout_ms" => Dflt::Value(Value::from(m.timeout().as_millis() as u64)),
+            "queue" => Dflt::Value(Value::from(m.queue() as u64)),
+            _ => match &ser["methods"][ANY][&k] {
+                Value::Null => Dflt::Unset,
+                v => Dflt::Value(v.clone()),
+            },
+        };
+        out.push((format!("methods.{ANY}"), k, d));
+    }
     out
 }
 
@@ -228,6 +299,10 @@ fn toml_literal(v: &Value) -> String {
     match v {
         Value::String(s) => format!("\"{s}\""),
         Value::Array(a) => format!("[{}]", a.iter().map(toml_literal).collect::<Vec<_>>().join(", ")),
+        Value::Object(o) if o.is_empty() => "{}".to_string(),
+        Value::Object(o) => {
+            format!("{{ {} }}", o.iter().map(|(k, v)| format!("{k} = {}", toml_literal(v))).collect::<Vec<_>>().join(", "))
+        }
         other => other.to_string(),
     }
 }
@@ -236,7 +311,10 @@ fn toml_literal(v: &Value) -> String {
 fn rpcd_toml_5_documents_every_key_with_its_default() {
     let man = read("man/rpcd.toml.5");
     let keys = config_keys();
-    assert!(keys.len() >= 25, "{keys:?}");
+    assert!(keys.len() >= 38, "{keys:?}");
+    for t in [format!("handlers.{ANY}"), format!("methods.{ANY}")] {
+        assert!(keys.iter().filter(|(table, _, _)| *table == t).count() >= 3, "no keys of [{t}]: {keys:?}");
+    }
     let all: Vec<&str> = man.lines().collect();
     let mut documented = BTreeSet::new();
     for (table, key, default) in &keys {
@@ -246,16 +324,25 @@ fn rpcd_toml_5_documents_every_key_with_its_default() {
         let it = item(&sect, |l| tokens(l) == [".It", "Ic", key.as_str()])
             .unwrap_or_else(|| panic!("rpcd.toml.5: no `.It Ic {key}` under [{table}]"));
         let w = words(&it);
-        let at = w.iter().position(|x| x == "Default:").unwrap_or_else(|| panic!("rpcd.toml.5: {table}.{key} has no `Default:`"));
-        let stated = &w[at + 1..];
-        if default.is_null() {
-            assert_eq!(stated.first().map(String::as_str), Some("unset"), "rpcd.toml.5: {table}.{key}");
-        } else {
-            let want = toml_literal(default);
-            assert!(
-                stated.len() >= 2 && stated[0] == ".Li" && stated[1] == want,
-                "rpcd.toml.5: {table}.{key}: default stated as {stated:?}, rpcd's is {want}"
-            );
+        let at = w.iter().position(|x| x == "Default:");
+        match default {
+            Dflt::Required => {
+                assert!(at.is_none(), "rpcd.toml.5: {table}.{key} is required but states a default: {it:?}");
+                assert!(w.iter().any(|x| x == "Required"), "rpcd.toml.5: {table}.{key} does not say it is required: {it:?}");
+            }
+            Dflt::Unset | Dflt::Value(_) => {
+                let at = at.unwrap_or_else(|| panic!("rpcd.toml.5: {table}.{key} has no `Default:`"));
+                let stated = &w[at + 1..];
+                if let Dflt::Value(v) = default {
+                    let want = toml_literal(v);
+                    assert!(
+                        stated.len() >= 2 && stated[0] == ".Li" && stated[1] == want,
+                        "rpcd.toml.5: {table}.{key}: default stated as {stated:?}, rpcd's is {want}"
+                    );
+                } else {
+                    assert_eq!(stated.first().map(String::as_str), Some("unset"), "rpcd.toml.5: {table}.{key}");
+                }
+            }
         }
         documented.insert(format!("{table}.{key}"));
     }
@@ -272,26 +359,95 @@ fn rpcd_toml_5_documents_every_key_with_its_default() {
     }
 }
 
+/// The table a header such as `[handlers.py]` is an instance of:
+/// `handlers.NAME`, `methods.NAME` (but `methods.pi`), or itself.
+fn table_template(name: &str) -> String {
+    match name.split_once('.') {
+        Some(("handlers", _)) => format!("handlers.{ANY}"),
+        Some(("methods", m)) if m != "pi" => format!("methods.{ANY}"),
+        _ => name.to_string(),
+    }
+}
+
+/// The shipped file with its commented-out handler and method examples
+/// (`#[handlers.NAME]`, `#key = ...` from the first such table on) put back.
+fn uncommented(text: &str) -> String {
+    let mut examples = false;
+    text.lines()
+        .map(|l| {
+            examples |= l.starts_with("#[handlers.") || l.starts_with("#[methods.");
+            match l.strip_prefix('#') {
+                Some(r) if examples && (r.starts_with('[') || r.split_once('=').is_some_and(|(k, _)| is_key(k.trim_end()))) => r,
+                _ => l,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn is_key(k: &str) -> bool {
+    !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+}
+
 #[test]
 fn shipped_rpcd_toml_lists_every_key() {
-    // Set or commented out (`#advertise = ...`): every key is in the file.
+    // Set or commented out (`#advertise = ...`, `#[handlers.py]`): every
+    // key is in the file; handler and method keys in commented-out examples.
     let mut in_file = BTreeSet::new();
     let mut table = String::new();
-    for l in read("etc/rpcd.toml").lines() {
+    let text = read("etc/rpcd.toml");
+    for l in text.lines() {
+        let l = l.strip_prefix('#').unwrap_or(l);
         if let Some(t) = l.strip_prefix('[') {
-            table = t.split(']').next().unwrap().to_string();
+            table = table_template(t.split(']').next().unwrap());
             continue;
         }
-        let l = l.strip_prefix('#').unwrap_or(l);
         if let Some((k, _)) = l.split_once('=') {
             let k = k.trim_end();
-            if !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            if is_key(k) {
                 in_file.insert(format!("{table}.{k}"));
             }
         }
     }
     let keys: BTreeSet<String> = config_keys().into_iter().map(|(t, k, _)| format!("{t}.{k}")).collect();
     assert_eq!(in_file, keys, "etc/rpcd.toml and rpcd's keys differ");
+    // Put back, the commented-out examples are a valid configuration that
+    // routes methods to handler pools (src/config.rs checks that the file
+    // as shipped is the defaults).
+    let mut full = uncommented(&text);
+    if !Path::new("/usr/bin/python3").exists() {
+        full = full.replace("\"/usr/bin/python3\"", "\"/bin/sh\"");
+    }
+    let c = Config::parse(&full, "etc/rpcd.toml, uncommented").unwrap_or_else(|e| panic!("{e}"));
+    assert!(!c.handlers.is_empty() && c.methods.values().any(|m| m.handler.is_some()), "{c:?}");
+    assert_eq!(c.warnings(), Vec::<String>::new(), "etc/rpcd.toml, uncommented");
+}
+
+#[test]
+fn rpcd_toml_5_examples_are_valid() {
+    // Every literal block of EXAMPLES with handler pools or methods is a
+    // configuration rpcd accepts. (The others name hosts that need not
+    // resolve here.)
+    let man = read("man/rpcd.toml.5");
+    let lines = man_section(&man, "EXAMPLES");
+    let mut blocks = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if lines[i].starts_with(".Bd -literal") {
+            let body: Vec<&str> = lines[i + 1..].iter().take_while(|l| !l.starts_with(".Ed")).copied().collect();
+            i += body.len() + 1;
+            if body.iter().any(|l| l.starts_with("[handlers.") || l.starts_with("[methods.")) {
+                blocks.push(body.join("\n").replace("\\(dq", "\"").replace("\\e", "\\").replace("\\&", ""));
+            }
+        }
+        i += 1;
+    }
+    assert!(!blocks.is_empty(), "rpcd.toml.5: EXAMPLES has no handler configuration");
+    for b in &blocks {
+        let text = if Path::new("/usr/bin/python3").exists() { b.clone() } else { b.replace("\"/usr/bin/python3\"", "\"/bin/sh\"") };
+        let c = Config::parse(&text, "rpcd.toml.5 EXAMPLES").unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(c.warnings(), Vec::<String>::new(), "{text}");
+    }
 }
 
 // ---------- unit, sysusers, scripts ----------
@@ -333,12 +489,18 @@ fn unit_fits_the_daemon_and_its_defaults() {
     );
     // Stop: deregistration (the delay, plus up to 5 s for ZooKeeper to
     // confirm), the drain, SIGKILL and reap, with a margin of 5 s at least.
+    // With a handler pool (at its default kill_grace_ms), a worker has
+    // longer before SIGKILL: it retires its handler processes after the drain.
     let z = &c.zookeeper;
-    let stop = c.server.graceful_timeout_secs + (z.deregister_delay_ms + z.session_timeout_ms.min(5000)).div_ceil(1000);
+    let with_pool = Config::parse(&template(), "template").unwrap();
+    assert!(with_pool.worker_grace() > c.worker_grace(), "{:?}", with_pool.worker_grace());
+    let drain = with_pool.worker_grace().as_millis() as u64;
+    let stop = (drain + z.deregister_delay_ms + z.session_timeout_ms.min(5000)).div_ceil(1000);
     assert!(secs(&v("TimeoutStopSec")) >= stop + 5, "TimeoutStopSec {} < {stop} s + 5 s", v("TimeoutStopSec"));
     // Start and reload (ExecReload is bounded by TimeoutStartSec): new workers
-    // get ready_timeout_secs, and a reload then drains the old ones.
-    let reload = c.server.ready_timeout_secs + c.server.graceful_timeout_secs;
+    // get ready_timeout_secs (handler warmup included), and a reload then
+    // drains the old ones.
+    let reload = c.server.ready_timeout_secs + drain.div_ceil(1000);
     assert!(secs(&v("TimeoutStartSec")) >= reload + 5, "TimeoutStartSec {} < {reload} s + 5 s", v("TimeoutStartSec"));
     // Every man: page the unit names is shipped.
     for doc in v("Documentation").split_whitespace() {
@@ -418,12 +580,62 @@ const PACKAGED: &[&str] = &[
     "/usr/share/man/man1/rpcctl.1.gz",
     "/usr/share/man/man5/rpcd.toml.5.gz",
     "/usr/share/man/man8/rpcd.8.gz",
+    "/usr/share/rpcd/rpcd_handler.py",
 ];
 
+/// Where the Python helper is installed (rpcd.8 and the examples name it).
+const HANDLER_HELPER: &str = "/usr/share/rpcd/rpcd_handler.py";
+const EXAMPLES_DOC: &str = "/usr/share/doc/rpcd/examples/python";
+
+/// The files of examples/python/ that the packages ship: all but Python's
+/// caches and editors' leftovers (what packaging/build-packages stages).
+fn python_examples() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(repo().join("examples/python"))
+        .expect("examples/python/")
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".pyc") && !n.ends_with(".pyo") && !n.starts_with('.') && !n.ends_with('~'))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn python_example_is_complete() {
+    // What rpcd.8, rpcd.toml.5 and README.md point to.
+    let files = python_examples();
+    for f in ["handlers.py", "rpcd.toml", "README.md"] {
+        assert!(files.iter().any(|x| x == f), "examples/python/{f} is missing: {files:?}");
+    }
+    // Its configuration runs the installed copies.
+    let toml = read("examples/python/rpcd.toml");
+    assert!(toml.contains(&format!("{EXAMPLES_DOC}/handlers.py")), "examples/python/rpcd.toml does not run {EXAMPLES_DOC}/handlers.py");
+    assert!(toml.contains("/usr/share/rpcd"), "examples/python/rpcd.toml does not put /usr/share/rpcd on PYTHONPATH");
+}
+
 fn check_payload(kind: &str, root: &Path, extra: &[&str]) {
-    let mut want: Vec<String> = PACKAGED.iter().chain(extra).map(|s| s.to_string()).collect();
+    let examples = python_examples();
+    assert!(examples.iter().any(|f| f == "handlers.py"), "{examples:?}");
+    let mut want: Vec<String> = PACKAGED
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .chain(examples.iter().map(|f| format!("{EXAMPLES_DOC}/{f}")))
+        .collect();
     want.sort();
     assert_eq!(files_under(root), want, "{kind}: files");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mut shipped = vec![(HANDLER_HELPER.to_string(), "share/rpcd_handler.py".to_string())];
+        shipped.extend(examples.iter().map(|f| (format!("{EXAMPLES_DOC}/{f}"), format!("examples/python/{f}"))));
+        for (dest, src) in shipped {
+            let p = root.join(dest.trim_start_matches('/'));
+            // (Not assert_eq!: that would print both files as bytes.)
+            assert!(std::fs::read(&p).unwrap() == read(&src).as_bytes(), "{kind}: {dest} is not {src} (changed since the build?)");
+            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o644, "{kind}: {dest} mode");
+        }
+    }
     assert_eq!(std::fs::read(root.join("etc/rpcd.toml")).unwrap(), read("etc/rpcd.toml").as_bytes(), "{kind}: /etc/rpcd.toml");
     assert_eq!(
         std::fs::read(root.join("usr/lib/systemd/system/rpcd.service")).unwrap(),

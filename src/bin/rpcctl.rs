@@ -185,6 +185,10 @@ fn control(args: &Args, cmd: &str, timeout: Duration) -> (Client, Value) {
 }
 
 fn main() {
+    // A closed stdout (`rpcctl ... | head -1`) ends rpcctl quietly, as it
+    // does other command-line tools, instead of a panic on the next print.
+    // SAFETY: setting a signal's disposition at start, before any thread.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args = Args::parse();
     log::set_max_level(log::LevelFilter::Warn);
     rpcd::logging::init(

@@ -63,6 +63,9 @@ impl Inner {
 
     /// Starts the process of slot `s` of pool `p`.
     pub(super) fn start_slot(&mut self, h: &Handlers, p: usize, s: usize) {
+        if self.strict && self.startup_error.is_some() {
+            return; // the worker is failing its start: it starts nothing more
+        }
         let warmup_timeout = self.warmup_timeout;
         let id = self.next_id;
         let pool = &mut self.pools[p];
@@ -180,7 +183,8 @@ impl Inner {
         sl.current = None;
         let delay = if crashed { sl.backoff.failed(true) } else { Duration::ZERO };
         sl.respawn_at = Some(Instant::now() + delay);
-        if delay.is_zero() && !self.retiring {
+        // Starting up, a failure is the worker's: it exits, nothing restarts.
+        if delay.is_zero() && !self.retiring && !(self.strict && self.startup_error.is_some()) {
             self.start_slot(h, p, slot);
         }
     }
@@ -193,6 +197,10 @@ impl Inner {
             return;
         }
         sl.current = None;
+        if self.strict && self.startup_error.is_some() {
+            log::error!("handler {}[{pid}] (slot {slot}) {status} after {:.1}s while the worker was starting", pool.name, lived.as_secs_f64());
+            return;
+        }
         let delay = sl.backoff.exited(lived);
         let restarts = sl.backoff.restarts;
         log::warn!(

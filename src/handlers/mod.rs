@@ -56,6 +56,8 @@ use tokio::sync::Notify;
 /// After a channel's EOF, how long to wait for the process's exit status
 /// before answering its calls without it.
 const LOST_GRACE: Duration = Duration::from_millis(200);
+/// The most handler exits a worker's last report lists.
+const MAX_REAPED_REPORTED: usize = 1024;
 /// Check a busy process's RSS at most this often ...
 const RSS_EVERY: Duration = Duration::from_millis(250);
 /// ... and an idle one's this often.
@@ -387,7 +389,9 @@ impl Handlers {
         }
         let name = pool.name.clone();
         let c = pool.procs.remove(&r.pid).expect("present");
-        inner.reaped.push(json!({"pid": r.pid, "handler": name, "status": r.status}));
+        if inner.reaped.len() < MAX_REAPED_REPORTED {
+            inner.reaped.push(json!({"pid": r.pid, "handler": name, "status": r.status}));
+        }
         h_changed(self);
         if !expected {
             if warming {
@@ -468,6 +472,11 @@ impl Handlers {
     /// each gets EOF once it holds no call, then the kill ladder.
     pub fn retire_all(&self) {
         let mut inner = self.inner.borrow_mut();
+        // What the last report lists: the processes retired now, not every
+        // one this worker has replaced over its life.
+        if !inner.retiring {
+            inner.reaped.clear();
+        }
         inner.retiring = true;
         for p in 0..inner.pools.len() {
             let pids: Vec<i32> = inner.pools[p].procs.keys().copied().collect();

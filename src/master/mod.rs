@@ -86,6 +86,8 @@ pub struct Master {
     /// Workers reaped before their channel closed: they are finished once
     /// their last reports (the handlers they reaped) have been read.
     exited: Vec<(Reaped, Worker, Instant)>,
+    /// Orphans already sent SIGKILL (not yet reaped).
+    orphans_killed: std::collections::BTreeSet<i32>,
     cur: Gen,
     next_gen_id: u64,
     pool: Pool,
@@ -192,6 +194,7 @@ impl Master {
             in_process,
             start_failure: None,
             exited: Vec::new(),
+            orphans_killed: Default::default(),
             cur: Gen::new(1, cfg, addr, Rc::new(listener)),
             next_gen_id: 2,
             pool: Pool::default(),
@@ -332,7 +335,7 @@ impl Master {
     /// processes (and what they started) whose worker died and left them
     /// to us. They normally die with their worker (PR_SET_PDEATHSIG); this
     /// catches the rest, and their process groups.
-    fn kill_orphans(&self) {
+    fn kill_orphans(&mut self) {
         let me = std::process::id() as i32;
         let mut kids = Vec::new();
         if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
@@ -342,8 +345,9 @@ impl Master {
                 }
             }
         }
+        self.orphans_killed.retain(|p| kids.contains(p));
         for pid in kids {
-            if pid == me || self.pool.workers.contains_key(&pid) {
+            if pid == me || self.pool.workers.contains_key(&pid) || !self.orphans_killed.insert(pid) {
                 continue;
             }
             log::warn!("killing orphaned process {pid} (a handler whose worker died, or its child)");
@@ -396,7 +400,7 @@ impl Master {
     /// makes the reload fail; the first generation makes the start fail.
     fn worker_failed(&mut self, pid: i32, generation: u64, why: String) {
         if self.reload.as_ref().and_then(|op| op.next.as_ref()).is_some_and(|g| g.id == generation) {
-            self.abort_reload(&format!("reload failed: a worker of generation {generation} cannot start: {why}"));
+            self.abort_reload(&format!("a worker of generation {generation} cannot start: {why}"));
             return;
         }
         if self.phase == Phase::Starting && generation == self.cur.id && self.start_failure.is_none() {

@@ -131,7 +131,7 @@ impl Master {
                 }
                 log::info!("reload: generation {new_id} is accepting; retiring {:?}", self.reload.as_ref().unwrap().old_pids);
             } else if Instant::now() > op.deadline {
-                let msg = format!("reload aborted: generation {} was not accepting within {}s", next.id, next.cfg.server.ready_timeout_secs);
+                let msg = format!("generation {} was not accepting within {}s", next.id, next.cfg.server.ready_timeout_secs);
                 self.abort_reload(&msg);
             }
             return;
@@ -170,7 +170,7 @@ impl Master {
             self.pool.kill_now(*pid, "aborted reload");
         }
         let msg = format!("{why}; still serving generation {}", self.cur.id);
-        log::error!("{msg}");
+        log::error!("reload failed: {msg}");
         for r in op.responders {
             let _ = r.send(Reply { value: json!({"ok": false, "error": msg}), written: None });
         }

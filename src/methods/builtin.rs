@@ -13,7 +13,7 @@ pub(super) fn register(m: &mut Methods) {
     .out("pong");
     m.raw_method_with_config("pi", |cfg| {
         let max_terms = cfg.pi_max_terms();
-        Box::new(move |params, out| pi(params, max_terms, out))
+        move |params: &str, out: &mut Vec<u8>| pi(params, max_terms, out)
     })
     .out("pi_r");
 }

@@ -82,8 +82,10 @@ impl std::fmt::Display for MethodError {
 
 impl std::error::Error for MethodError {}
 
-/// Appends a result's JSON text to `out` at once, given the params' JSON text.
-pub type RawFn = Box<dyn Fn(&str, &mut Vec<u8>) -> Result<(), MethodError>>;
+/// Appends a result's JSON text to `out` at once, given the params' JSON
+/// text. (The error is boxed so that the common, successful call returns
+/// in a register.)
+pub(crate) type RawFn = Box<dyn Fn(&str, &mut Vec<u8>) -> Result<(), Box<MethodError>>>;
 type RawFactory = Rc<dyn Fn(&Config) -> RawFn>;
 /// Answers later: the params' JSON text in, the result's JSON text out.
 pub(crate) type AsyncFn = Rc<dyn Fn(String) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, MethodError>>>>>;
@@ -149,11 +151,11 @@ impl Methods {
         let label = name.to_string();
         self.raw_method_with_config(name, move |_| {
             let (f, label) = (f.clone(), label.clone());
-            Box::new(move |params, out| {
+            move |params: &str, out: &mut Vec<u8>| {
                 let p: P = decode(&label, params)?;
                 let r = catch_unwind(AssertUnwindSafe(|| f(p))).map_err(|e| panicked(&label, e))??;
                 serde_json::to_writer(&mut *out, &r).map_err(|e| MethodError::failed(format!("{label}: cannot encode the result: {e}")))
-            })
+            }
         })
     }
 
@@ -191,18 +193,23 @@ impl Methods {
         let f = Rc::new(f);
         self.raw_method_with_config(name, move |_| {
             let f = f.clone();
-            Box::new(move |params, out| f(params, out))
+            move |params: &str, out: &mut Vec<u8>| f(params, out)
         })
     }
 
     /// [`Methods::raw_method`] built from the running configuration (the
     /// built-in `pi` reads `[methods.pi] max_terms`); called again for
     /// every generation of workers.
-    pub fn raw_method_with_config<M>(&mut self, name: &str, make: M) -> &mut Registration
+    pub fn raw_method_with_config<M, F>(&mut self, name: &str, make: M) -> &mut Registration
     where
-        M: Fn(&Config) -> RawFn + 'static,
+        M: Fn(&Config) -> F + 'static,
+        F: Fn(&str, &mut Vec<u8>) -> Result<(), MethodError> + 'static,
     {
-        self.push(name, Body::Now(Rc::new(make)))
+        let make: RawFactory = Rc::new(move |cfg: &Config| {
+            let f = make(cfg);
+            Box::new(move |params: &str, out: &mut Vec<u8>| f(params, out).map_err(Box::new)) as RawFn
+        });
+        self.push(name, Body::Now(make))
     }
 
     /// The names served in-process, for config validation.
@@ -213,7 +220,7 @@ impl Methods {
     /// The worker's table: these methods, then the config's handler routes
     /// (`route(method)` gives each one's pool and route index).
     pub(crate) fn table(&self, cfg: &Config, mut route: impl FnMut(&str) -> Option<(usize, usize)>) -> Table {
-        let mut t = Table { names: Vec::new(), entries: Vec::new(), index: HashMap::default() };
+        let mut t = Table { names: Vec::new(), keys: Vec::new(), entries: Vec::new(), index: HashMap::default() };
         for r in &self.regs {
             let kind = match &r.body {
                 Body::Now(make) => Kind::Now(make(cfg)),
@@ -256,7 +263,31 @@ pub(crate) enum Kind {
 pub(crate) struct Entry {
     /// `{"out":"TAG","result":`, ready to copy.
     pub prefix: Vec<u8>,
+    /// The same, padded to [`PREFIX_COPY`] bytes when it fits (copied with
+    /// one fixed-size move instead of a `memcpy` call).
+    short_prefix: Option<[u8; PREFIX_COPY]>,
     pub kind: Kind,
+}
+
+const PREFIX_COPY: usize = 32;
+
+/// A name's length and a number that, for names of up to 8 bytes and that
+/// length, is made of all their bytes (overlapping loads): two comparisons
+/// find a short name. Longer names are then compared whole.
+#[inline(always)]
+fn name_key(b: &[u8]) -> (u64, usize) {
+    let n = b.len();
+    let k = match n {
+        0 => 0,
+        1..=3 => u64::from(b[0]) | u64::from(b[n / 2]) << 8 | u64::from(b[n - 1]) << 16,
+        4..=7 => {
+            let lo = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            let hi = u32::from_le_bytes([b[n - 4], b[n - 3], b[n - 2], b[n - 1]]);
+            u64::from(lo) | u64::from(hi) << 32
+        }
+        _ => u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+    };
+    (k, n)
 }
 
 /// Method name → entry. Up to [`LINEAR`] names are found by comparing them
@@ -264,6 +295,7 @@ pub(crate) struct Entry {
 /// more through a hash map.
 pub(crate) struct Table {
     names: Vec<Box<str>>,
+    keys: Vec<(u64, usize)>,
     entries: Vec<Entry>,
     index: HashMap<Box<str>, usize>,
 }
@@ -275,17 +307,27 @@ impl Table {
         let mut prefix = b"{\"out\":".to_vec();
         protocol::write_json_str(&mut prefix, out);
         prefix.extend_from_slice(b",\"result\":");
+        let short_prefix = (prefix.len() <= PREFIX_COPY).then(|| {
+            let mut p = [0u8; PREFIX_COPY];
+            p[..prefix.len()].copy_from_slice(&prefix);
+            p
+        });
         self.index.insert(name.into(), self.entries.len());
         self.names.push(name.into());
-        self.entries.push(Entry { prefix, kind });
+        self.keys.push(name_key(name.as_bytes()));
+        self.entries.push(Entry { prefix, short_prefix, kind });
     }
 
     #[inline]
     pub fn get(&self, name: &str) -> Option<&Entry> {
         if self.names.len() <= LINEAR {
-            // Length and first byte before the whole comparison.
             let b = name.as_bytes();
-            let i = self.names.iter().position(|n| n.len() == b.len() && n.as_bytes().first() == b.first() && n.as_bytes() == b)?;
+            let key = name_key(b);
+            let i = if b.len() <= 8 {
+                self.keys.iter().position(|&k| k == key)?
+            } else {
+                (0..self.keys.len()).find(|&i| self.keys[i] == key && &*self.names[i] == name)?
+            };
             return Some(&self.entries[i]);
         }
         self.index.get(name).map(|&i| &self.entries[i])
@@ -300,8 +342,23 @@ impl Table {
 #[inline]
 pub(crate) fn answer_now(entry: &Entry, f: &RawFn, params: &str, id: Option<&str>, out: &mut Vec<u8>) {
     let start = out.len();
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(&entry.prefix);
+    match &entry.short_prefix {
+        Some(p) => {
+            out.reserve(4 + PREFIX_COPY);
+            // SAFETY: 4 + PREFIX_COPY bytes reserved; only the length header
+            // and the prefix's real bytes are kept (set_len).
+            unsafe {
+                let dst = out.as_mut_ptr().add(start);
+                std::ptr::write_bytes(dst, 0, 4);
+                std::ptr::copy_nonoverlapping(p.as_ptr(), dst.add(4), PREFIX_COPY);
+                out.set_len(start + 4 + entry.prefix.len());
+            }
+        }
+        None => {
+            out.extend_from_slice(&[0; 4]);
+            out.extend_from_slice(&entry.prefix);
+        }
+    }
     match f(params, out) {
         Ok(()) => {
             if let Some(id) = id {
@@ -358,6 +415,23 @@ mod tests {
         assert_eq!(call(&t, "boom", "null", None)["result"]["code"], "handler_failed");
         assert_eq!(call(&t, "fail", "null", None)["result"], serde_json::json!({"code": "my_code", "message": "no"}));
         assert_eq!(m.in_process().methods.get("add"), Some(&false));
+    }
+
+    #[test]
+    fn names_are_found_exactly() {
+        let mut m = Methods::new();
+        for n in ["p", "pin", "pingpong", "pingpong2", "pingpon", "ping\u{0}"] {
+            let v = n.to_string();
+            m.method(n, move |_: ()| Ok::<_, MethodError>(v.clone()));
+        }
+        let t = m.table(&Config::default(), |_| None);
+        for n in ["p", "pin", "pingpong", "pingpong2", "pingpon", "ping\u{0}"] {
+            assert_eq!(call(&t, n, "null", None)["result"], n);
+        }
+        assert_eq!(call(&t, "ping", "1", None)["result"], 1);
+        for n in ["", "pingpong3", "pingpongx", "pi\u{0}", "PING", "pingpon\u{0}"] {
+            assert!(t.get(n).is_none(), "{n:?}");
+        }
     }
 
     #[test]
