@@ -2,7 +2,7 @@
 //! order, the drain.
 //!
 //! Frames are answered from the worker's method table
-//! ([`crate::methods::Table`]). Methods that answer at once write into the
+//! (`methods::Table`). Methods that answer at once write into the
 //! worker's one reply buffer, and a batch of replies goes out in one write.
 //! Calls answered later (handler processes, async methods) reserve a slot in
 //! the connection's [`Replies`]; replies behind an outstanding one wait in

@@ -174,7 +174,7 @@ impl Rate {
 
 /// Logs a handler's stdout or stderr line by line as `handler NAME[PID]:
 /// LINE` (stdout at info, stderr at warn), lines capped at [`MAX_LINE`]
-/// bytes, at most [`LINES_PER_SEC`] lines a second after a burst; reads on
+/// bytes, at most 100 lines a second after a burst of 200; reads on
 /// whatever comes, so a flood never blocks the handler on a full pipe, and
 /// never blocks the worker.
 pub async fn log_output(fd: OwnedFd, name: String, pid: i32, stderr: bool) {

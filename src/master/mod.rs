@@ -1,8 +1,8 @@
 //! The master process: one loop, like gunicorn's Arbiter and nginx's
 //! master cycle. Signal handlers only record the signal (tokio's self-pipe);
 //! reaping, respawning, reloads, stops, the control socket and ZooKeeper
-//! are all driven from [`Master::run`]. Its state machines have files of
-//! their own: [`reload`] and [`stop`]. The kill-and-reap steps themselves
+//! are all driven from its loop (`Master::run`). Its state machines have
+//! files of their own: `reload.rs` and `stop.rs`. The kill-and-reap steps themselves
 //! live in [`crate::pool`].
 
 mod reload;

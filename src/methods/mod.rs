@@ -1,6 +1,6 @@
 //! Methods: what a worker answers, from one table.
 //!
-//! Every method, whatever serves it, is an entry of the worker's [`Table`]:
+//! Every method, whatever serves it, is an entry of the worker's table:
 //!
 //! - methods that answer at once in the worker (the built-ins `ping` and
 //!   `pi`, and a library user's synchronous methods);
