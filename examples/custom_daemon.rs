@@ -45,8 +45,14 @@ fn main() {
     })
     .out("greeting");
 
-    // Any JSON back as it came: what a typed echo costs (bench/run).
+    // Any JSON back as it came: what a typed echo costs (bench/run) ...
     m.method("echo", |v: serde_json::Value| Ok::<_, MethodError>(v)).out("pong");
+    // ... and the same on raw JSON text, as the built-in ping is registered.
+    m.raw_method("echo_raw", |params, out| {
+        out.extend_from_slice(params.as_bytes());
+        Ok(())
+    })
+    .out("pong");
 
     // Your own error codes.
     m.method("divide", |(a, b): (f64, f64)| {

@@ -31,6 +31,19 @@ pub const READ_CHUNK: usize = 64 * 1024;
 /// waits for its first request (at most the idle timeout).
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
+/// While draining, a connection with nothing owed and nothing partly
+/// received closes once it has been quiet this long, rather than at once: a
+/// request its client sent as the drain began still arrives and is answered
+/// (served, or `shutting_down`, which the client may retry elsewhere)
+/// instead of meeting a closed connection and leaving the client unable to
+/// tell whether it ran. A client that sees the close before it sends (rpcctl
+/// and `rpcd::client` check) reconnects.
+const DRAIN_QUIET: Duration = Duration::from_millis(200);
+
+/// ... and at the latest this long after the drain began, even if its
+/// client keeps sending (it gets `shutting_down`) or never sends.
+const DRAIN_LINGER: Duration = Duration::from_secs(1);
+
 /// Replies a connection may have outstanding before it stops reading (the
 /// client then waits in TCP's flow control).
 const MAX_OUTSTANDING: usize = 1024;
@@ -326,10 +339,13 @@ async fn connection(mut stream: TcpStream, sh: &Shared) {
     // Replies that come later (none, and unallocated, unless this
     // connection calls a handler or an async method).
     let mut replies: Option<Rc<Replies>> = None;
-    // While draining: how many more frames are served normally (the one a
-    // client was in the middle of sending); later ones get `shutting_down`.
+    // While draining: how many more frames are served normally (those
+    // received, the one a client was in the middle of sending, or else the
+    // one that may be on its way); later ones get `shutting_down`.
     let mut served: Option<usize> = None;
     let mut draining = false;
+    // While draining: when the connection closes even if not quiet.
+    let mut close_by = None::<Instant>;
     // The client has shut its side: answer what it sent, then close.
     let mut eof = false;
     // Whether any byte has arrived: a connection accepted just before the
@@ -385,7 +401,7 @@ async fn connection(mut stream: TcpStream, sh: &Shared) {
                 continue;
             }
             Event::IdleTimer => {
-                let due = last_active + idle_after.unwrap_or_default();
+                let due = close_due(last_active, idle_after, close_by, &pending, sh);
                 let now = Instant::now();
                 if now >= due {
                     if !outstanding {
@@ -396,7 +412,7 @@ async fn connection(mut stream: TcpStream, sh: &Shared) {
                     last_active = now;
                 }
                 if let Some(t) = idle.as_mut() {
-                    t.as_mut().reset(last_active + idle_after.unwrap_or_default());
+                    t.as_mut().reset(close_due(last_active, idle_after, close_by, &pending, sh));
                     idle_armed = false;
                 }
                 continue;
@@ -439,19 +455,20 @@ async fn connection(mut stream: TcpStream, sh: &Shared) {
                         Decoded::TooLarge(_) => break,
                     }
                 }
-                served = Some(complete + usize::from(partial));
-                if !received && pending.is_empty() && !eof {
-                    // Accepted, but the first request has not arrived yet.
-                    served = Some(1);
-                    let grace = idle_after.map_or(FIRST_REQUEST_GRACE, |d| d.min(FIRST_REQUEST_GRACE));
-                    idle_after = Some(grace);
-                    last_active = Instant::now();
-                    match idle.as_mut() {
-                        Some(t) => t.as_mut().reset(last_active + grace),
-                        None => idle = Some(Box::pin(tokio::time::sleep_until(last_active + grace))),
-                    }
-                    idle_armed = false;
+                // Nothing received yet: the request that may be on its way
+                // (the first, or the next on a kept-alive connection).
+                served = Some((complete + usize::from(partial)).max(usize::from(pending.is_empty())));
+                // Then linger until quiet (see DRAIN_QUIET).
+                let quiet = if received { DRAIN_QUIET } else { FIRST_REQUEST_GRACE };
+                idle_after = Some(idle_after.map_or(quiet, |d| d.min(quiet)));
+                last_active = Instant::now();
+                close_by = Some(last_active + DRAIN_LINGER);
+                let at = close_due(last_active, idle_after, close_by, &pending, sh);
+                match idle.as_mut() {
+                    Some(t) => t.as_mut().reset(at),
+                    None => idle = Some(Box::pin(tokio::time::sleep_until(at))),
                 }
+                idle_armed = false;
                 None
             }
         };
@@ -478,13 +495,32 @@ async fn connection(mut stream: TcpStream, sh: &Shared) {
             let _ = stream.shutdown().await;
             return end(&replies);
         }
-        if !outstanding && (eof || (draining && (served == Some(0) || (pending.is_empty() && received)))) {
+        if !outstanding && (eof || (pending.is_empty() && close_by.is_some_and(|t| Instant::now() >= t))) {
             let _ = stream.shutdown().await;
             return end(&replies);
         }
         if idle.is_some() {
             last_active = Instant::now();
         }
+        if draining {
+            // What is partly received may have changed the close's due time.
+            if let Some(t) = idle.as_mut() {
+                t.as_mut().reset(close_due(last_active, idle_after, close_by, &pending, sh));
+                idle_armed = false;
+            }
+        }
+    }
+}
+
+/// When a quiet connection closes: after its idle timeout; while draining,
+/// once quiet for the (shorter) drain linger and at the latest at
+/// `close_by`, unless a frame is partly received (its client is sending:
+/// the idle timeout, and the worker's graceful timeout, bound that).
+fn close_due(last_active: Instant, idle_after: Option<Duration>, close_by: Option<Instant>, pending: &[u8], sh: &Shared) -> Instant {
+    match close_by {
+        Some(_) if !pending.is_empty() => last_active + sh.idle_timeout.unwrap_or(Duration::from_secs(3600)),
+        Some(by) => (last_active + idle_after.unwrap_or_default()).min(by),
+        None => last_active + idle_after.unwrap_or_default(),
     }
 }
 

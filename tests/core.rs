@@ -128,6 +128,34 @@ fn shutting_down_for_requests_after_the_drain_began() {
 }
 
 #[test]
+fn a_kept_alive_connection_answers_what_its_client_sends_as_the_drain_begins() {
+    // A client on an idle kept-alive connection sends just as the drain
+    // begins: it must get an answer (served, or `shutting_down`, which it
+    // may retry elsewhere), never a close that leaves it unsure whether the
+    // request ran. Then the connection closes.
+    let mut d = Daemon::start(Opts { workers: 1, ..Default::default() });
+    let mut s = connect(d.port);
+    assert_eq!(call(&mut s, &json!({"in": "ping", "params": 0}))["out"], "pong");
+    kill(d.pid, libc::SIGTERM);
+    d.wait_note("STOPPING=1", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(20));
+    let mut answers = Vec::new();
+    for i in 0..100 {
+        s.write_all(&frame(json!({"in": "ping", "params": i}).to_string().as_bytes())).unwrap();
+        let v = read_frame(&mut s).unwrap_or_else(|| panic!("request {i} met a closed connection after {answers:?}"));
+        let got = if v["out"] == "pong" { "pong".to_string() } else { code(&v).to_string() };
+        answers.push(got.clone());
+        if got != "pong" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(answers.last().map(String::as_str), Some("shutting_down"), "{answers:?}");
+    assert!(closed_by_peer(&mut s, Duration::from_secs(5)));
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
 fn two_hundred_pipelined_requests_in_one_write() {
     let d = Daemon::start(Opts { workers: 1, ..Default::default() });
     let mut s = connect(d.port);

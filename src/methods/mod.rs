@@ -44,7 +44,7 @@ use crate::protocol;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
@@ -220,7 +220,7 @@ impl Methods {
     /// The worker's table: these methods, then the config's handler routes
     /// (`route(method)` gives each one's pool and route index).
     pub(crate) fn table(&self, cfg: &Config, mut route: impl FnMut(&str) -> Option<(usize, usize)>) -> Table {
-        let mut t = Table { names: Vec::new(), keys: Vec::new(), entries: Vec::new(), index: HashMap::default() };
+        let mut t = Table { names: Vec::new(), keys: Vec::new(), entries: Vec::new(), slots: vec![EMPTY; 16] };
         for r in &self.regs {
             let kind = match &r.body {
                 Body::Now(make) => Kind::Now(make(cfg)),
@@ -290,17 +290,25 @@ fn name_key(b: &[u8]) -> (u64, usize) {
     (k, n)
 }
 
-/// Method name → entry. Up to [`LINEAR`] names are found by comparing them
-/// in registration order (the built-ins first: `ping` is one comparison);
-/// more through a hash map.
+/// Method name → entry by [`name_key`]: up to [`LINEAR`] methods by
+/// comparing keys in registration order (the built-ins first: `ping` is one
+/// comparison), more through a small open-addressed index, whose lookups
+/// cost the same for the first method and the hundredth.
 pub(crate) struct Table {
     names: Vec<Box<str>>,
     keys: Vec<(u64, usize)>,
     entries: Vec<Entry>,
-    index: HashMap<Box<str>, usize>,
+    /// Entry numbers by hash slot; [`EMPTY`] where none. At most half full.
+    slots: Vec<u32>,
 }
 
+const EMPTY: u32 = u32::MAX;
 const LINEAR: usize = 8;
+
+#[inline(always)]
+fn slot_of(key: (u64, usize), mask: usize) -> usize {
+    ((key.0 ^ (key.1 as u64).rotate_left(56)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize & mask
+}
 
 impl Table {
     fn add(&mut self, name: &str, out: &str, kind: Kind) {
@@ -312,17 +320,33 @@ impl Table {
             p[..prefix.len()].copy_from_slice(&prefix);
             p
         });
-        self.index.insert(name.into(), self.entries.len());
         self.names.push(name.into());
         self.keys.push(name_key(name.as_bytes()));
         self.entries.push(Entry { prefix, short_prefix, kind });
+        if self.entries.len() * 2 > self.slots.len() {
+            self.slots = vec![EMPTY; self.slots.len() * 2];
+            for i in 0..self.entries.len() {
+                self.place(i);
+            }
+        } else {
+            self.place(self.entries.len() - 1);
+        }
+    }
+
+    fn place(&mut self, i: usize) {
+        let mask = self.slots.len() - 1;
+        let mut at = slot_of(self.keys[i], mask);
+        while self.slots[at] != EMPTY {
+            at = (at + 1) & mask;
+        }
+        self.slots[at] = i as u32;
     }
 
     #[inline]
     pub fn get(&self, name: &str) -> Option<&Entry> {
-        if self.names.len() <= LINEAR {
-            let b = name.as_bytes();
-            let key = name_key(b);
+        let b = name.as_bytes();
+        let key = name_key(b);
+        if self.keys.len() <= LINEAR {
             let i = if b.len() <= 8 {
                 self.keys.iter().position(|&k| k == key)?
             } else {
@@ -330,7 +354,20 @@ impl Table {
             };
             return Some(&self.entries[i]);
         }
-        self.index.get(name).map(|&i| &self.entries[i])
+        let mask = self.slots.len() - 1;
+        let mut at = slot_of(key, mask);
+        loop {
+            let i = self.slots[at];
+            if i == EMPTY {
+                return None;
+            }
+            let i = i as usize;
+            // Up to 8 bytes the key is the whole name; longer ones compare whole.
+            if self.keys[i] == key && (b.len() <= 8 || &*self.names[i] == name) {
+                return Some(&self.entries[i]);
+            }
+            at = (at + 1) & mask;
+        }
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -435,13 +472,18 @@ mod tests {
     }
 
     #[test]
-    fn many_methods_use_the_index() {
+    fn many_methods_are_all_found() {
         let mut m = Methods::new();
-        for i in 0..20 {
+        for i in 0..300 {
             m.method(&format!("m{i}"), move |_: ()| Ok::<_, MethodError>(i));
+            m.method(&format!("a_rather_long_method_name_{i}"), move |_: ()| Ok::<_, MethodError>(i + 1000));
         }
         let t = m.table(&Config::default(), |_| None);
-        assert_eq!(call(&t, "m17", "null", None)["result"], 17);
+        for i in 0..300 {
+            assert_eq!(call(&t, &format!("m{i}"), "null", None)["result"], i);
+            assert_eq!(call(&t, &format!("a_rather_long_method_name_{i}"), "null", None)["result"], i + 1000);
+        }
+        assert!(t.get("m300").is_none() && t.get("a_rather_long_method_name_300").is_none());
         assert_eq!(call(&t, "ping", "1", None)["result"], 1);
     }
 
