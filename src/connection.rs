@@ -429,7 +429,8 @@ async fn connection(mut stream: TcpStream, sh: &Shared) {
                 // socket itself, since the runtime may not have seen the
                 // readiness of bytes that arrived just now.
                 let mut chunk = [0u8; 16 * 1024];
-                while !eof {
+                // (After the client's EOF, recv returns 0 at once.)
+                loop {
                     // SAFETY: recv writes at most chunk.len() bytes into chunk.
                     let n = unsafe { libc::recv(stream.as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len(), libc::MSG_DONTWAIT) };
                     match n {

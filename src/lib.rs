@@ -3,19 +3,19 @@
 //! with your methods in-process ([`methods`], [`main`]).
 //!
 //! Modules, by what they do:
-//! - [`config`]: `/etc/rpcd.toml`
-//! - [`protocol`]: frames, requests, replies, error codes
-//! - [`methods`]: the method table; the built-ins; the library API
-//! - [`handlers`]: handler processes, the user-defined methods in any language
-//! - [`master`]: the one loop of the master process
-//! - [`pool`]: child processes; the kill-and-reap sequence
-//! - [`worker`]: a worker process (`rpcd --worker`)
-//! - [`connection`], [`replies`]: a worker's client connections, in-order replies
-//! - [`control`]: the control socket, server and client side
-//! - [`registry`]: ZooKeeper registration of the daemon
-//! - [`client`], [`discovery`]: the RPC client and ZooKeeper discovery used by `rpcctl`
-//! - [`notify`]: sd_notify
-//! - [`logging`]: stderr / syslog logging
+//! - [`config`] — `/etc/rpcd.toml`
+//! - [`protocol`] — frames, requests, replies, error codes
+//! - [`methods`] — the method table; the built-ins; the library API
+//! - [`handlers`] — handler processes, the user-defined methods in any language
+//! - [`master`] — the one loop of the master process
+//! - [`pool`] — child processes; the kill-and-reap sequence
+//! - [`worker`] — a worker process (`rpcd --worker`)
+//! - [`connection`], [`replies`] — a worker's client connections, in-order replies
+//! - [`control`] — the control socket, server and client side
+//! - [`registry`] — ZooKeeper registration of the daemon
+//! - [`client`], [`discovery`] — the RPC client and ZooKeeper discovery used by `rpcctl`
+//! - [`notify`] — sd_notify
+//! - [`logging`] — stderr / syslog logging
 
 pub mod client;
 pub mod config;
