@@ -113,6 +113,16 @@ pub fn bind(cfg: &ControlConfig) -> Result<UnixListener, String> {
     Ok(l)
 }
 
+/// Takes over a control socket passed by the service manager (see
+/// `sockets`), with the mode and group of the config.
+pub fn adopt(l: std::os::unix::net::UnixListener, cfg: &ControlConfig) -> Result<UnixListener, String> {
+    let err = |e: std::io::Error| format!("cannot use the passed control socket {}: {e}", cfg.socket.display());
+    l.set_nonblocking(true).map_err(err)?;
+    let l = UnixListener::from_std(l).map_err(err)?;
+    apply_mode(cfg)?;
+    Ok(l)
+}
+
 /// Sets the socket's mode and group from the config.
 pub fn apply_mode(cfg: &ControlConfig) -> Result<(), String> {
     let path = &cfg.socket;

@@ -11,6 +11,7 @@
 //! - [`pool`] — child processes; the kill-and-reap sequence
 //! - [`worker`] — a worker process (`rpcd --worker`)
 //! - [`connection`], [`replies`] — a worker's client connections, in-order replies
+//! - [`sockets`] — sockets passed by systemd (fd store, socket activation)
 //! - [`control`] — the control socket, server and client side
 //! - [`registry`] — ZooKeeper registration of the daemon
 //! - [`client`], [`discovery`] — the RPC client and ZooKeeper discovery used by `rpcctl`
@@ -31,6 +32,7 @@ pub mod pool;
 pub mod protocol;
 pub mod registry;
 pub mod replies;
+pub mod sockets;
 pub mod worker;
 pub mod zk;
 

@@ -4,22 +4,27 @@
 //! blocking: the crate's blocking send would wedge the master's loop when
 //! the manager's queue is full. A message that cannot be sent now is kept
 //! and retried by [`flush`] on the next tick, in order; only the newest
-//! `STATUS=` text is kept of those that pile up.
+//! `STATUS=` text is kept of those that pile up. Descriptors for the file
+//! descriptor store ([`store_fd`]) travel with their message (SCM_RIGHTS).
 
 use sd_notify::NotifyState;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt::Write;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 
+/// A message, with the descriptor it carries (a duplicate, owned until sent).
+type Message = (String, Option<OwnedFd>);
+
 thread_local! {
-    static PENDING: RefCell<VecDeque<String>> = const { RefCell::new(VecDeque::new()) };
+    static PENDING: RefCell<VecDeque<Message>> = const { RefCell::new(VecDeque::new()) };
     static SOCKET: RefCell<Option<UnixDatagram>> = const { RefCell::new(None) };
 }
 
 const MAX_PENDING: usize = 64;
 
-fn try_send(msg: &str) -> std::io::Result<()> {
+fn try_send(msg: &str, fd: Option<&OwnedFd>) -> std::io::Result<()> {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return Ok(()) };
     SOCKET.with(|s| {
         let mut s = s.borrow_mut();
@@ -30,7 +35,17 @@ fn try_send(msg: &str) -> std::io::Result<()> {
         }
         let sock = s.as_ref().unwrap();
         let bytes = path.as_encoded_bytes();
-        if let Some(abs) = bytes.strip_prefix(b"@") {
+        if let Some(fd) = fd {
+            use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+            let addr = match bytes.strip_prefix(b"@") {
+                Some(abs) => UnixAddr::new_abstract(abs),
+                None => UnixAddr::new(std::path::Path::new(&path)),
+            }
+            .map_err(std::io::Error::from)?;
+            let fds = [fd.as_raw_fd()];
+            let iov = [std::io::IoSlice::new(msg.as_bytes())];
+            sendmsg(sock.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), Some(&addr)).map_err(std::io::Error::from)?;
+        } else if let Some(abs) = bytes.strip_prefix(b"@") {
             use std::os::linux::net::SocketAddrExt;
             let addr = std::os::unix::net::SocketAddr::from_abstract_name(abs)?;
             sock.send_to_addr(msg.as_bytes(), &addr)?;
@@ -42,6 +57,10 @@ fn try_send(msg: &str) -> std::io::Result<()> {
 }
 
 fn send(states: &[NotifyState]) {
+    send_with(states, None);
+}
+
+fn send_with(states: &[NotifyState], fd: Option<OwnedFd>) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
@@ -53,13 +72,16 @@ fn send(states: &[NotifyState]) {
         let mut p = p.borrow_mut();
         // A newer status replaces an unsent one.
         if msg.starts_with("STATUS=") && msg.lines().count() == 1 {
-            p.retain(|m| !(m.starts_with("STATUS=") && m.lines().count() == 1));
+            p.retain(|(m, _)| !(m.starts_with("STATUS=") && m.lines().count() == 1));
         }
         if p.len() >= MAX_PENDING {
-            log::warn!("sd_notify: the service manager is not reading; dropping {:?}", p.front());
-            p.pop_front();
+            // Never the store's messages: dropping one would lose a socket.
+            match p.iter().position(|(m, fd)| fd.is_none() && !m.starts_with("FDSTOREREMOVE=")) {
+                Some(i) => log::warn!("sd_notify: the service manager is not reading; dropping {:?}", p.remove(i).map(|m| m.0)),
+                None => log::warn!("sd_notify: the service manager is not reading; {} messages wait", p.len()),
+            }
         }
-        p.push_back(msg);
+        p.push_back((msg, fd));
     });
     flush();
 }
@@ -68,8 +90,8 @@ fn send(states: &[NotifyState]) {
 pub fn flush() {
     PENDING.with(|p| {
         let mut p = p.borrow_mut();
-        while let Some(m) = p.front() {
-            match try_send(m) {
+        while let Some((m, fd)) = p.front() {
+            match try_send(m, fd.as_ref()) {
                 Ok(()) => {
                     p.pop_front();
                 }
@@ -105,6 +127,21 @@ pub fn reloading() {
 
 pub fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+}
+
+/// Hands a duplicate of `fd` to the service manager's file descriptor
+/// store under `name` (`FDSTORE=1`, `FDNAME=`; kept only with
+/// `FileDescriptorStoreMax=` > 0).
+pub fn store_fd(name: &str, fd: BorrowedFd<'_>) {
+    match fd.try_clone_to_owned() {
+        Ok(dup) => send_with(&[NotifyState::Custom("FDSTORE=1"), NotifyState::Custom(&format!("FDNAME={name}"))], Some(dup)),
+        Err(e) => log::warn!("cannot store {name} with the service manager: {e}"),
+    }
+}
+
+/// Removes what the store holds under `name` (`FDSTOREREMOVE=1`).
+pub fn remove_stored(name: &str) {
+    send(&[NotifyState::Custom("FDSTOREREMOVE=1"), NotifyState::Custom(&format!("FDNAME={name}"))]);
 }
 
 pub fn watchdog() {

@@ -480,6 +480,9 @@ fn unit_fits_the_daemon_and_its_defaults() {
     assert_eq!(v("ExecReload"), "/usr/bin/rpcctl --config /etc/rpcd.toml reload");
     assert_eq!(v("KillMode"), "mixed");
     assert_eq!(v("Restart"), "on-failure");
+    // Restarts keep the listener and the control socket (SPEC §6).
+    assert!(v("FileDescriptorStoreMax").parse::<u32>().unwrap() >= 2);
+    assert_eq!(v("RuntimeDirectoryPreserve"), "restart");
     assert_eq!((v("User"), v("Group")), ("rpcd".to_string(), "rpcd".to_string()));
     let c = Config::default();
     assert_eq!(
@@ -577,6 +580,7 @@ const PACKAGED: &[&str] = &[
     "/usr/lib/sysusers.d/rpcd.conf",
     "/usr/sbin/rpcd",
     "/usr/share/doc/rpcd/README.md",
+    "/usr/share/doc/rpcd/examples/systemd/rpcd.socket",
     "/usr/share/man/man1/rpcctl.1.gz",
     "/usr/share/man/man5/rpcd.toml.5.gz",
     "/usr/share/man/man8/rpcd.8.gz",

@@ -133,7 +133,10 @@ fn fmt_secs(s: f64) -> String {
 fn print_status(v: &Value) {
     println!("rpcd (pid {}) - {} since {} ago", v["pid"], v["state"].as_str().unwrap_or("?"), fmt_secs(v["uptime_secs"].as_f64().unwrap_or(0.0)));
     println!("     Config: {}", v["config"].as_str().unwrap_or("?"));
-    println!("     Listen: {}", v["listen"].as_str().unwrap_or("?"));
+    match v["listener"].as_str() {
+        Some(origin) => println!("     Listen: {} ({origin})", v["listen"].as_str().unwrap_or("?")),
+        None => println!("     Listen: {}", v["listen"].as_str().unwrap_or("?")),
+    }
     println!(" Generation: {}", v["generation"]);
     let zk = &v["zookeeper"];
     match zk["node"].as_str() {

@@ -14,6 +14,7 @@ use stop::StopOp;
 use crate::config::{Config, InProcess};
 use crate::control::{self, Acl, Command as Ctl, Reply};
 use crate::notify;
+use crate::sockets::{self, Origin, Passed};
 use crate::pool::{Backoff, Pool, Reaped, WState, Worker};
 use crate::registry::{self, ZkState};
 use serde_json::{json, Value};
@@ -58,15 +59,17 @@ struct Gen {
     addr: SocketAddr,
     /// None once the daemon stops accepting.
     listener: Option<Rc<TcpListener>>,
+    /// Where the listener came from.
+    origin: Origin,
     slots: Vec<Slot>,
 }
 
 impl Gen {
-    fn new(id: u64, cfg: Config, addr: SocketAddr, listener: Rc<TcpListener>) -> Gen {
+    fn new(id: u64, cfg: Config, addr: SocketAddr, listener: Rc<TcpListener>, origin: Origin) -> Gen {
         let n = cfg.server.workers.resolve();
         let now = Instant::now();
         let slots = (0..n).map(|_| Slot { backoff: Backoff::default(), respawn_at: Some(now) }).collect();
-        Gen { id, cfg, addr, listener: Some(listener), slots }
+        Gen { id, cfg, addr, listener: Some(listener), origin, slots }
     }
 }
 
@@ -148,24 +151,48 @@ type Started = (
 
 impl Master {
     async fn start(config_path: PathBuf, cfg: Config, in_process: InProcess) -> Result<Started, String> {
-        let ctl_listener = control::bind(&cfg.control)?;
+        // Sockets passed by the service manager (its fd store, or a .socket
+        // unit) are adopted where they match the config; the rest is closed.
+        let mut passed = Passed::from_env();
+        let (ctl_listener, ctl_origin) = match passed.take_control(&cfg.control.socket) {
+            Some((l, origin)) => (control::adopt(l, &cfg.control)?, origin),
+            None => (control::bind(&cfg.control)?, Origin::Bound),
+        };
         let bound = (|| {
             let addr = cfg.listen_addr();
-            let listener = bind_listener(addr, cfg.server.backlog).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            let (listener, origin) = match passed.take_listener(addr) {
+                Some((l, origin)) => {
+                    // The backlog of this config (listen() again updates it).
+                    let _ = socket2::SockRef::from(&l).listen(cfg.server.backlog.min(i32::MAX as u32) as i32);
+                    (l, origin)
+                }
+                None => (bind_listener(addr, cfg.server.backlog).map_err(|e| format!("cannot listen on {addr}: {e}"))?, Origin::Bound),
+            };
             let addr = listener.local_addr().unwrap_or(addr);
             if cfg.zookeeper.enabled {
                 registry::advertised(&cfg, addr)?;
             }
-            Ok::<_, String>((listener, addr))
+            Ok::<_, String>((listener, addr, origin))
         })();
-        let (listener, addr) = match bound {
+        passed.discard();
+        let (listener, addr, origin) = match bound {
             Ok(b) => b,
             Err(e) => {
                 // Leave no socket file behind for a daemon that never ran.
-                let _ = std::fs::remove_file(&cfg.control.socket);
+                if ctl_origin == Origin::Bound {
+                    let _ = std::fs::remove_file(&cfg.control.socket);
+                }
                 return Err(e);
             }
         };
+        // Into the store at once, so that a restart (or a crash restart)
+        // finds them there: connects wait in the backlog meanwhile.
+        if origin == Origin::Bound {
+            sockets::store(sockets::LISTEN_NAME, &listener);
+        }
+        if ctl_origin == Origin::Bound {
+            sockets::store(sockets::CONTROL_NAME, &ctl_listener);
+        }
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let (zk_tx, zk_rx) = mpsc::unbounded_channel();
@@ -175,9 +202,10 @@ impl Master {
         let zk_state = if zk.is_some() { ZkState::Connecting } else { ZkState::Disabled };
         let watchdog = notify::watchdog_interval().map(|d| (d / 2, Instant::now()));
         log::info!(
-            "rpcd {} starting: pid {}, listening on {addr}, {} worker(s), config {}",
+            "rpcd {} starting: pid {}, listening on {addr} ({}), {} worker(s), config {}",
             env!("CARGO_PKG_VERSION"),
             std::process::id(),
+            origin.as_str(),
             cfg.server.workers.resolve(),
             config_path.display()
         );
@@ -195,7 +223,7 @@ impl Master {
             start_failure: None,
             exited: Vec::new(),
             orphans_killed: Default::default(),
-            cur: Gen::new(1, cfg, addr, Rc::new(listener)),
+            cur: Gen::new(1, cfg, addr, Rc::new(listener), origin),
             next_gen_id: 2,
             pool: Pool::default(),
             phase: Phase::Starting,
@@ -669,6 +697,7 @@ impl Master {
             "config": self.config_path,
             "generation": self.cur.id,
             "listen": self.cur.addr.to_string(),
+            "listener": self.cur.origin.as_str(),
             "zookeeper": {"state": self.zk_status.state, "node": self.zk_status.node},
             "workers": workers,
             "backoff": backoff,

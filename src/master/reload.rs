@@ -8,6 +8,7 @@ use super::{bind_listener, Gen, Master, Phase, Responder};
 use crate::config::Config;
 use crate::control::{self, Acl, Reply};
 use crate::notify;
+use crate::sockets::{self, Origin};
 use crate::registry;
 use serde_json::{json, Value};
 use std::rc::Rc;
@@ -78,11 +79,11 @@ impl Master {
         }
         let addr = cfg.listen_addr();
         let same = addr == self.cur.addr || cfg.server.listen == old.server.listen;
-        let listener = if let (true, Some(l)) = (same, self.cur.listener.clone()) {
-            l
+        let (listener, origin) = if let (true, Some(l)) = (same, self.cur.listener.clone()) {
+            (l, self.cur.origin)
         } else {
             match bind_listener(addr, cfg.server.backlog) {
-                Ok(l) => Rc::new(l),
+                Ok(l) => (Rc::new(l), Origin::Bound),
                 Err(e) => return fail(responders, format!("cannot listen on {addr}: {e}")),
             }
         };
@@ -102,7 +103,7 @@ impl Master {
         log::info!("reload: starting generation {id} ({} worker(s) on {addr})", cfg.server.workers.resolve());
         let deadline = Instant::now() + Duration::from_secs(cfg.server.ready_timeout_secs);
         self.reload = Some(ReloadOp {
-            next: Some(Gen::new(id, cfg, addr, listener)),
+            next: Some(Gen::new(id, cfg, addr, listener, origin)),
             deadline,
             responders,
             warnings,
@@ -121,6 +122,12 @@ impl Master {
                 let next = op.next.take().unwrap();
                 let old = std::mem::replace(&mut self.cur, next);
                 let new_id = self.cur.id;
+                if let (Some(a), Some(b)) = (&old.listener, &self.cur.listener) {
+                    if !Rc::ptr_eq(a, b) {
+                        // A new address: the store keeps this listener now.
+                        sockets::store(sockets::LISTEN_NAME, &**b);
+                    }
+                }
                 op.old_pids = self.pool.retire(old.cfg.worker_grace(), |w| w.generation != new_id);
                 let _ = self.acl.send(Acl::from_config(&self.cur.cfg.control));
                 if let Err(e) = control::apply_mode(&self.cur.cfg.control) {

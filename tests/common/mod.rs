@@ -128,6 +128,9 @@ pub struct Daemon {
     pub pid: i32,
     pub notify: UnixDatagram,
     pub notes: Vec<String>,
+    /// Descriptors sent with FDSTORE=1, by FDNAME, in order.
+    pub stored: Vec<(String, std::os::fd::OwnedFd)>,
+    fd_store: bool,
     known: Vec<i32>,
 }
 
@@ -147,6 +150,15 @@ pub struct Opts {
     pub files: Vec<(String, String)>,
     /// The daemon binary (default: rpcd).
     pub binary: Option<PathBuf>,
+    /// The port to listen on (default: a free one).
+    pub port: Option<u16>,
+    /// Descriptors passed as systemd does (LISTEN_FDS from fd 3, with
+    /// LISTEN_PID and these LISTEN_FDNAMES); they stay the caller's.
+    pub passed: Vec<(i32, String)>,
+    /// Keep what rpcd sends with FDSTORE=1 (in `Daemon::stored`), as
+    /// systemd's fd store would; by default they are closed at once, as
+    /// with FileDescriptorStoreMax=0.
+    pub fd_store: bool,
 }
 
 impl Default for Opts {
@@ -162,6 +174,9 @@ impl Default for Opts {
             log: None,
             files: vec![],
             binary: None,
+            port: None,
+            passed: vec![],
+            fd_store: false,
         }
     }
 }
@@ -216,13 +231,13 @@ impl Daemon {
 
     pub fn start(o: Opts) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let port = o.port.unwrap_or_else(free_port);
         let config = dir.path().join("rpcd.toml");
         let socket = dir.path().join("control.sock");
         let notify_path = dir.path().join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        let mut d = Daemon { dir, port, config, socket, child: None, pid: 0, notify, notes: vec![], known: vec![] };
+        let mut d = Daemon { dir, port, config, socket, child: None, pid: 0, notify, notes: vec![], stored: vec![], fd_store: o.fd_store, known: vec![] };
         for (name, text) in &o.files {
             let p = d.dir.path().join(name);
             std::fs::write(&p, text.replace("{dir}", &d.dir.path().display().to_string())).unwrap();
@@ -236,6 +251,37 @@ impl Daemon {
             Some(usec) => {
                 let mut c = Command::new("/bin/sh");
                 c.args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\"", RPCD]).env("WATCHDOG_USEC", usec.to_string());
+                c
+            }
+            None if !o.passed.is_empty() => {
+                let mut c = Command::new("/bin/sh");
+                let bin = o.binary.clone().unwrap_or_else(|| RPCD.into());
+                c.args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""]).arg(bin);
+                let names: Vec<&str> = o.passed.iter().map(|(_, n)| n.as_str()).collect();
+                c.env("LISTEN_FDS", o.passed.len().to_string()).env("LISTEN_FDNAMES", names.join(":"));
+                let fds: Vec<i32> = o.passed.iter().map(|(fd, _)| *fd).collect();
+                use std::os::unix::process::CommandExt;
+                // SAFETY: only fcntl and dup2 (async-signal-safe) between fork and exec.
+                unsafe {
+                    c.pre_exec(move || {
+                        // Out of the way first, then into place from fd 3.
+                        let mut high = Vec::with_capacity(fds.len());
+                        for &fd in &fds {
+                            let h = libc::fcntl(fd, libc::F_DUPFD, 100);
+                            if h < 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                            high.push(h);
+                        }
+                        for (i, &h) in high.iter().enumerate() {
+                            if libc::dup2(h, 3 + i as i32) < 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                            libc::close(h);
+                        }
+                        Ok(())
+                    });
+                }
                 c
             }
             None => Command::new(o.binary.clone().unwrap_or_else(|| RPCD.into())),
@@ -259,13 +305,32 @@ impl Daemon {
     }
 
     /// Reads every pending sd_notify datagram into `notes`.
+    /// Descriptors sent with them (FDSTORE=1) go to `stored`.
     pub fn drain_notes(&mut self) {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
         let mut buf = vec![0u8; 4096];
-        self.notify.set_nonblocking(true).unwrap();
-        while let Ok(n) = self.notify.recv(&mut buf) {
-            self.notes.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        loop {
+            let mut cmsg = nix::cmsg_space!([RawFd; 8]);
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let Ok(msg) = recvmsg::<UnixAddr>(self.notify.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC) else { break };
+            let mut fds = Vec::new();
+            for c in msg.cmsgs().into_iter().flatten() {
+                if let ControlMessageOwned::ScmRights(v) = c {
+                    // SAFETY: received with SCM_RIGHTS: new descriptors, ours.
+                    fds.extend(v.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                }
+            }
+            let n = msg.bytes;
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if self.fd_store && text.lines().any(|l| l == "FDSTORE=1") {
+                let name = text.lines().find_map(|l| l.strip_prefix("FDNAME=")).unwrap_or("stored").to_string();
+                for fd in fds {
+                    self.stored.push((name.clone(), fd));
+                }
+            }
+            self.notes.push(text);
         }
-        self.notify.set_nonblocking(false).unwrap();
     }
 
     /// Waits until a notify datagram containing `needle` as a line arrives.
