@@ -3,12 +3,14 @@
 //! repo) serves examples/python/handlers.py through share/rpcd_handler.py,
 //! each method answers exactly as documented, print() lands in rpcd's log,
 //! and SIGTERM stops rpcd with status 0 leaving no worker or handler
-//! process behind. Self-contained: a tiny framed client, /proc for the
-//! process tree.
+//! process behind. Its own daemon guard and framed client (the example's
+//! config, not the harness's); /proc helpers from the harness.
+mod common;
+use common::{alive, children, free_port, wait_for};
 use serde_json::{json, Value};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -20,45 +22,6 @@ const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const PYTHON: &str = "/usr/bin/python3";
 const WORKERS: usize = 2;
 const PROCESSES: usize = 2;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-// ---------- /proc ----------
-
-/// Alive and not a zombie.
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !matches!(s.rsplit(')').next().unwrap_or("").trim_start().chars().next(), Some('Z' | 'X') | None),
-        Err(_) => false,
-    }
-}
-
-fn children(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
-                out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
-            }
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
-}
 
 fn cmdline(pid: i32) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline")).map(|b| String::from_utf8_lossy(&b).replace('\0', " ")).unwrap_or_default()
@@ -168,19 +131,13 @@ fn start() -> Daemon {
 
 // ---------- a tiny framed client ----------
 
+/// The harness's frame of a JSON value.
 fn frame(v: &Value) -> Vec<u8> {
-    let body = v.to_string().into_bytes();
-    let mut f = (body.len() as u32).to_le_bytes().to_vec();
-    f.extend_from_slice(&body);
-    f
+    common::frame(v.to_string().as_bytes())
 }
 
 fn read_frame(s: &mut TcpStream) -> Value {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).expect("a reply's length");
-    let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
-    s.read_exact(&mut body).expect("a reply's body");
-    serde_json::from_slice(&body).expect("a JSON reply")
+    common::read_frame(s).expect("a reply")
 }
 
 fn call(s: &mut TcpStream, method: &str, params: Value) -> Value {
