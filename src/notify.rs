@@ -25,6 +25,7 @@ thread_local! {
 const MAX_PENDING: usize = 64;
 
 fn try_send(msg: &str, fd: Option<&OwnedFd>) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return Ok(()) };
     SOCKET.with(|s| {
         let mut s = s.borrow_mut();
@@ -34,24 +35,16 @@ fn try_send(msg: &str, fd: Option<&OwnedFd>) -> std::io::Result<()> {
             *s = Some(sock);
         }
         let sock = s.as_ref().unwrap();
-        let bytes = path.as_encoded_bytes();
-        if let Some(fd) = fd {
-            use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
-            let addr = match bytes.strip_prefix(b"@") {
-                Some(abs) => UnixAddr::new_abstract(abs),
-                None => UnixAddr::new(std::path::Path::new(&path)),
-            }
-            .map_err(std::io::Error::from)?;
-            let fds = [fd.as_raw_fd()];
-            let iov = [std::io::IoSlice::new(msg.as_bytes())];
-            sendmsg(sock.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), Some(&addr)).map_err(std::io::Error::from)?;
-        } else if let Some(abs) = bytes.strip_prefix(b"@") {
-            use std::os::linux::net::SocketAddrExt;
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(abs)?;
-            sock.send_to_addr(msg.as_bytes(), &addr)?;
-        } else {
-            sock.send_to(msg.as_bytes(), &path)?;
-        }
+        let addr = match path.as_encoded_bytes().strip_prefix(b"@") {
+            Some(abs) => UnixAddr::new_abstract(abs),
+            None => UnixAddr::new(std::path::Path::new(&path)),
+        }?;
+        let fds = fd.map(|fd| [fd.as_raw_fd()]);
+        let cmsgs: &[ControlMessage] = match &fds {
+            Some(fds) => &[ControlMessage::ScmRights(fds)],
+            None => &[],
+        };
+        sendmsg(sock.as_raw_fd(), &[std::io::IoSlice::new(msg.as_bytes())], cmsgs, MsgFlags::empty(), Some(&addr))?;
         Ok(())
     })
 }

@@ -60,7 +60,11 @@ impl Passed {
             // (LISTEN_PID checked); nothing else owns them.
             Ok(fds) => Passed { fds: fds.map(|(fd, name)| (unsafe { OwnedFd::from_raw_fd(fd) }, name)).collect() },
             Err(e) => {
+                // What the store holds under our names cannot be adopted:
+                // clear it, so that what we store next is all it holds.
                 log::warn!("ignoring the passed descriptors: {e}");
+                crate::notify::remove_stored(LISTEN_NAME);
+                crate::notify::remove_stored(CONTROL_NAME);
                 Passed::default()
             }
         }
@@ -125,9 +129,11 @@ fn origin_of(name: &str) -> Origin {
     }
 }
 
-/// Hands a listener this instance bound to the store under `name`,
-/// replacing whatever the store had under that name.
+/// Hands a listener this instance bound to the store under `name`. At
+/// start the store holds nothing under it any more (whatever it held was
+/// passed, and [`Passed::discard`] removed what was not adopted, or
+/// [`Passed::from_env`] cleared our names when the variables were bad); a
+/// reload that replaces a stored listener removes the old one first.
 pub fn store(name: &str, fd: impl AsFd) {
-    crate::notify::remove_stored(name);
     crate::notify::store_fd(name, fd.as_fd());
 }

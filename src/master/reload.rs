@@ -125,6 +125,7 @@ impl Master {
                 if let (Some(a), Some(b)) = (&old.listener, &self.cur.listener) {
                     if !Rc::ptr_eq(a, b) {
                         // A new address: the store keeps this listener now.
+                        notify::remove_stored(sockets::LISTEN_NAME);
                         sockets::store(sockets::LISTEN_NAME, &**b);
                     }
                 }
