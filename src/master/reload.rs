@@ -22,6 +22,9 @@ pub(super) struct ReloadOp {
     pub(super) old_pids: Vec<i32>,
     pub(super) reaped: Vec<Value>,
     pub(super) new_generation: u64,
+    /// Set when the reload failed: `old_pids` are then the new workers
+    /// being killed, and the reply (this error) waits until they are reaped.
+    pub(super) failed: Option<String>,
 }
 
 impl Master {
@@ -110,6 +113,7 @@ impl Master {
             old_pids: Vec::new(),
             reaped: Vec::new(),
             new_generation: id,
+            failed: None,
         });
     }
 
@@ -148,6 +152,14 @@ impl Master {
             return;
         }
         let op = self.reload.take().unwrap();
+        if let Some(msg) = op.failed {
+            for r in op.responders {
+                let _ = r.send(Reply { value: json!({"ok": false, "error": msg}), written: None });
+            }
+            notify::ready(&self.status_line());
+            self.start_queued_reload();
+            return;
+        }
         let new_pids: Vec<i32> = self.pool.workers.values().filter(|w| w.generation == self.cur.id).map(|w| w.pid).collect();
         log::info!("reload complete: generation {}, workers {new_pids:?}, retired {:?}", self.cur.id, op.old_pids);
         let v = json!({
@@ -166,11 +178,12 @@ impl Master {
     }
 
     /// Gives up the reload under way: its new workers are killed, the old
-    /// generation keeps serving, and the reply says why.
+    /// generation keeps serving, and once they are reaped the reply says
+    /// why (so that what `rpcctl reload` returns to is the old state).
     pub(super) fn abort_reload(&mut self, why: &str) {
         let Some(op) = self.reload.take() else { return };
         let Some(next) = op.next else {
-            self.reload = Some(op); // committed already: nothing to abort
+            self.reload = Some(op); // committed already (or failing): nothing to abort
             return;
         };
         let pids: Vec<i32> = self.pool.workers.values().filter(|w| w.generation == next.id).map(|w| w.pid).collect();
@@ -179,11 +192,8 @@ impl Master {
         }
         let msg = format!("{why}; still serving generation {}", self.cur.id);
         log::error!("reload failed: {msg}");
-        for r in op.responders {
-            let _ = r.send(Reply { value: json!({"ok": false, "error": msg}), written: None });
-        }
-        notify::ready(&self.status_line());
-        self.start_queued_reload();
+        self.reload = Some(ReloadOp { next: None, old_pids: pids, failed: Some(msg), ..op });
+        self.advance_reload();
     }
 
     pub(super) fn start_queued_reload(&mut self) {
