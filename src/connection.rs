@@ -69,6 +69,10 @@ pub struct Shared {
     pub draining: Cell<bool>,
     pub wakers: RefCell<HashMap<u64, Waker>>,
     pub next_conn: Cell<u64>,
+    /// Set with `draining` for a restart: idle connections are handed over
+    /// (into `handed`) instead of being closed.
+    pub handover: Cell<bool>,
+    pub handed: RefCell<Vec<crate::handover::Conn>>,
 }
 
 impl Shared {
@@ -92,12 +96,22 @@ impl Drop for WakerSlot<'_> {
 
 /// Serves one accepted connection (or refuses it when over the limit).
 pub async fn serve(stream: TcpStream, sh: Rc<Shared>) {
+    serve_from(stream, sh, Vec::new()).await
+}
+
+/// Serves a connection handed over by the previous instance, whose client
+/// had sent `leftover` (part of a frame) when it was handed over.
+pub async fn serve_adopted(stream: TcpStream, sh: Rc<Shared>, leftover: Vec<u8>) {
+    serve_from(stream, sh, leftover).await
+}
+
+async fn serve_from(stream: TcpStream, sh: Rc<Shared>, leftover: Vec<u8>) {
     sh.connections.set(sh.connections.get() + 1);
     let over = sh.connections.get() > sh.max_connections;
     if over {
         refuse(stream, &sh).await;
     } else {
-        connection(stream, &sh).await;
+        connection(stream, &sh, leftover).await;
     }
     sh.connections.set(sh.connections.get() - 1);
     if sh.connections.get() == 0 {
@@ -325,7 +339,7 @@ fn answer(
     res
 }
 
-async fn connection(mut stream: TcpStream, sh: &Shared) {
+async fn connection(mut stream: TcpStream, sh: &Shared, leftover: Vec<u8>) {
     // The task's waker, for the drain to wake it (a task's waker stays valid
     // for its whole life).
     let id = sh.next_conn.get();
@@ -334,8 +348,11 @@ async fn connection(mut stream: TcpStream, sh: &Shared) {
     sh.wakers.borrow_mut().insert(id, waker);
     let _slot = WakerSlot(sh, id);
     // Bytes of an incomplete frame (empty, and unallocated, most of the time).
-    let mut pending: Vec<u8> = Vec::new();
-    let mut need = 0usize;
+    let mut need = match protocol::decode(&leftover, sh.max_frame_bytes) {
+        Decoded::Need(total) if leftover.len() >= 4 => total,
+        _ => 0,
+    };
+    let mut pending: Vec<u8> = leftover;
     // Replies that come later (none, and unallocated, unless this
     // connection calls a handler or an async method).
     let mut replies: Option<Rc<Replies>> = None;
@@ -344,6 +361,9 @@ async fn connection(mut stream: TcpStream, sh: &Shared) {
     // one that may be on its way); later ones get `shutting_down`.
     let mut served: Option<usize> = None;
     let mut draining = false;
+    // A restart's drain: read nothing more; once nothing is owed, the
+    // connection goes to the next instance (unread bytes stay in the kernel).
+    let mut handing = false;
     // While draining: when the connection closes even if not quiet.
     let mut close_by = None::<Instant>;
     // The client has shut its side: answer what it sent, then close.
@@ -351,7 +371,7 @@ async fn connection(mut stream: TcpStream, sh: &Shared) {
     // Whether any byte has arrived: a connection accepted just before the
     // drain, whose client has not yet sent its first request (it is on its
     // way), gets that request answered rather than the connection closed.
-    let mut received = false;
+    let mut received = !pending.is_empty();
     // One timer per connection, re-armed only when it fires early. Once
     // polled it wakes this task when due, so it is polled again only then.
     let mut idle_after = sh.idle_timeout;
@@ -364,7 +384,7 @@ async fn connection(mut stream: TcpStream, sh: &Shared) {
                     return Poll::Ready(Event::Drain);
                 }
                 // Deferred replies or a half-close: the plain path skips this.
-                let mut read = true;
+                let mut read = !handing;
                 if let Some(r) = &replies {
                     r.set_waker(cx.waker());
                     if r.front_ready() {
@@ -422,6 +442,11 @@ async fn connection(mut stream: TcpStream, sh: &Shared) {
             Event::Data(n) => {
                 received = true;
                 pending.is_empty().then_some(n)
+            }
+            Event::Drain if sh.handover.get() => {
+                draining = true;
+                handing = true;
+                None
             }
             Event::Drain => {
                 draining = true;
@@ -486,6 +511,9 @@ async fn connection(mut stream: TcpStream, sh: &Shared) {
             Answered::Failed => return end(&replies),
         };
         let outstanding = replies.as_ref().is_some_and(|r| !r.is_empty());
+        if handing && !outstanding && !eof && !close {
+            return hand_over(stream, pending, sh, &replies);
+        }
         if close {
             // A frame over the limit: what was owed before it goes out first.
             if outstanding {
@@ -522,6 +550,16 @@ fn close_due(last_active: Instant, idle_after: Option<Duration>, close_by: Optio
         Some(_) if !pending.is_empty() => last_active + sh.idle_timeout.unwrap_or(Duration::from_secs(3600)),
         Some(by) => (last_active + idle_after.unwrap_or_default()).min(by),
         None => last_active + idle_after.unwrap_or_default(),
+    }
+}
+
+/// Passes the connection, with what its client has sent of the next frame,
+/// to the worker's list for the next instance.
+fn hand_over(stream: TcpStream, leftover: Vec<u8>, sh: &Shared, replies: &Option<Rc<Replies>>) {
+    end(replies);
+    match stream.into_std() {
+        Ok(s) => sh.handed.borrow_mut().push(crate::handover::Conn { fd: s.into(), leftover }),
+        Err(e) => log::warn!("cannot hand a connection over: {e}; closing it"),
     }
 }
 

@@ -25,11 +25,12 @@ pub const MAX_CLIENTS: usize = 64;
 /// How long a refused peer may keep writing before its connection closes.
 const REFUSED_LINGER: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
     Status,
-    Stop,
+    /// `restart`: the service manager starts rpcd again at once; hand the
+    /// connections and the registration over (see [`crate::handover`]).
+    Stop { restart: bool },
     Reload,
 }
 
@@ -37,6 +38,8 @@ pub enum Command {
 #[derive(Deserialize)]
 struct RequestLine {
     cmd: String,
+    #[serde(default)]
+    restart: bool,
 }
 
 /// A reply, and a way to learn that it was written to the client.
@@ -177,7 +180,7 @@ pub fn parse_request(line: &[u8]) -> Result<Command, String> {
     let req: RequestLine = serde_json::from_str(text.trim()).map_err(|e| format!("malformed request: {e}"))?;
     match req.cmd.as_str() {
         "status" => Ok(Command::Status),
-        "stop" => Ok(Command::Stop),
+        "stop" => Ok(Command::Stop { restart: req.restart }),
         "reload" => Ok(Command::Reload),
         other => {
             let shown: String = other.chars().take(40).collect();
@@ -311,9 +314,14 @@ impl Client {
 
     /// Sends a command and waits (up to `timeout`) for its reply.
     pub fn call(&mut self, cmd: &str, timeout: Duration) -> Result<Value, ClientError> {
+        self.request(json!({"cmd": cmd}), timeout)
+    }
+
+    /// Sends a request (`{"cmd": ..., options}`) and waits for its reply.
+    pub fn request(&mut self, req: Value, timeout: Duration) -> Result<Value, ClientError> {
         let err = |e: std::io::Error| ClientError::Other(format!("{}: {e}", self.path.display()));
         self.stream.set_read_timeout(Some(timeout)).map_err(err)?;
-        let line = format!("{}\n", json!({"cmd": cmd}));
+        let line = format!("{req}\n");
         if let Err(e) = self.stream.write_all(line.as_bytes()) {
             // The daemon may have answered (a refusal) and closed before
             // our request arrived: its reply is still there to read.

@@ -24,6 +24,7 @@ pub mod connection;
 pub mod control;
 pub mod discovery;
 pub mod handlers;
+pub mod handover;
 pub mod logging;
 pub mod master;
 pub mod methods;

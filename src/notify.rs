@@ -11,7 +11,7 @@ use sd_notify::NotifyState;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt::Write;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 
 /// A message, with the descriptor it carries (a duplicate, owned until sent).
@@ -135,6 +135,33 @@ pub fn store_fd(name: &str, fd: BorrowedFd<'_>) {
 /// Removes what the store holds under `name` (`FDSTOREREMOVE=1`).
 pub fn remove_stored(name: &str) {
     send(&[NotifyState::Custom("FDSTOREREMOVE=1"), NotifyState::Custom(&format!("FDNAME={name}"))]);
+}
+
+/// Waits (up to `limit`) until the service manager has processed every
+/// message sent before this one (`BARRIER=1`, as `sd_notify_barrier`): a
+/// process that exits right after sending may otherwise have its last
+/// messages dropped. False if it did not answer in time.
+pub fn barrier(limit: std::time::Duration) -> bool {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return true;
+    }
+    let Ok((rd, wr)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else { return false };
+    // The write end goes with the message; the manager closes it once it
+    // has got this far.
+    send_with(&[NotifyState::Custom("BARRIER=1")], Some(wr));
+    let until = std::time::Instant::now() + limit;
+    loop {
+        flush();
+        let mut fds = [nix::poll::PollFd::new(rd.as_fd(), nix::poll::PollFlags::POLLIN)];
+        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10u16));
+        if fds[0].revents().is_some_and(|r| r.intersects(nix::poll::PollFlags::POLLHUP | nix::poll::PollFlags::POLLIN)) && !pending() {
+            return true;
+        }
+        if std::time::Instant::now() >= until {
+            log::warn!("the service manager did not confirm the last messages within {} ms", limit.as_millis());
+            return false;
+        }
+    }
 }
 
 pub fn watchdog() {

@@ -352,18 +352,23 @@ impl Pool {
 
     /// Step 1: SIGTERM every worker `select`ed, SIGKILL after `grace`.
     /// Returns their PIDs.
-    pub fn retire(&mut self, grace: Duration, mut select: impl FnMut(&Worker) -> bool) -> Vec<i32> {
+    pub fn retire(&mut self, grace: Duration, select: impl FnMut(&Worker) -> bool) -> Vec<i32> {
+        self.retire_with(Signal::SIGTERM, grace, select)
+    }
+
+    /// Step 1 with another first signal (SIGUSR2: hand over for a restart).
+    pub fn retire_with(&mut self, first: Signal, grace: Duration, mut select: impl FnMut(&Worker) -> bool) -> Vec<i32> {
         let mut pids = Vec::new();
         for w in self.workers.values_mut() {
             if w.state == WState::Draining || !select(w) {
                 continue;
             }
             w.state = WState::Draining;
-            w.child.retire(Some(Signal::SIGTERM), &[(grace, Signal::SIGKILL)]);
+            w.child.retire(Some(first), &[(grace, Signal::SIGKILL)]);
             pids.push(w.pid);
         }
         if !pids.is_empty() {
-            log::info!("retiring worker(s) {pids:?}: SIGTERM, SIGKILL after {}s", grace.as_secs_f64());
+            log::info!("retiring worker(s) {pids:?}: {first}, SIGKILL after {}s", grace.as_secs_f64());
         }
         pids
     }

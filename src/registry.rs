@@ -36,6 +36,7 @@ enum Cmd {
     Publish(Value),
     Reconfigure(ZkConfig, Value),
     Deregister,
+    Detach,
 }
 
 pub struct Handle {
@@ -43,9 +44,12 @@ pub struct Handle {
 }
 
 impl Handle {
-    pub fn start(cfg: &ZkConfig, events: mpsc::UnboundedSender<Status>) -> Handle {
+    /// Starts the registrar. `previous`: the node a previous instance of
+    /// this daemon left for a restart; it is deleted once ours exists.
+    pub fn start(cfg: &ZkConfig, events: mpsc::UnboundedSender<Status>, previous: Option<String>) -> Handle {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(Registrar { cfg: cfg.clone(), events, rx, payload: None, node: None, deregistering: false, old: None }.run());
+        let r = Registrar { cfg: cfg.clone(), events, rx, payload: None, node: None, deregistering: false, detached: false, old: None, previous };
+        tokio::spawn(r.run());
         Handle { tx }
     }
     /// Registers (or updates the node's data).
@@ -58,6 +62,12 @@ impl Handle {
     }
     pub fn deregister(&self) {
         let _ = self.tx.send(Cmd::Deregister);
+    }
+    /// For a restart: stops without deleting the node or closing the
+    /// session, so that the node stays until the next instance has
+    /// registered and deletes it (or until the session expires).
+    pub fn detach(&self) {
+        let _ = self.tx.send(Cmd::Detach);
     }
 }
 
@@ -98,6 +108,10 @@ struct Registrar {
     /// Our node in the current session.
     node: Option<String>,
     deregistering: bool,
+    /// Stopping for a restart: leave the node and the session as they are.
+    detached: bool,
+    /// The node a previous instance left for us to delete.
+    previous: Option<String>,
     /// The registration we are moving away from after a reload changed
     /// hosts/root/prefix: its session and node are kept until the node at
     /// the new place exists, so that there is no moment without one.
@@ -159,10 +173,41 @@ impl Registrar {
                     Next::Continue
                 }
             }
+            Some(Cmd::Detach) => {
+                self.detached = true;
+                Next::Stop
+            }
             Some(Cmd::Deregister) | None => {
                 self.deregistering = true;
                 Next::Stop
             }
+        }
+    }
+
+    /// Ends without closing any session: dropping a client would close its
+    /// session, and with it the node. The process exits soon after.
+    fn detach(&mut self, client: Option<zk::Client>) -> End {
+        if let Some(c) = client {
+            std::mem::forget(c);
+        }
+        if let Some(old) = self.old.take() {
+            std::mem::forget(old);
+        }
+        log::info!("zookeeper: left {} for the next instance", self.node.as_deref().unwrap_or("no node"));
+        End::Done
+    }
+
+    /// Deletes the node the previous instance left, now that ours exists.
+    async fn retire_previous(&mut self, client: &zk::Client) {
+        let Some(prev) = self.previous.take() else { return };
+        if Some(&prev) == self.node.as_ref() {
+            return;
+        }
+        match tokio::time::timeout(self.timeout(), client.delete(&prev, None)).await {
+            Ok(Ok(())) => log::info!("zookeeper: deleted {prev}, the previous instance's node"),
+            Ok(Err(zk::Error::NoNode)) => log::info!("zookeeper: the previous instance's node {prev} is gone already"),
+            Ok(Err(e)) => log::warn!("zookeeper: cannot delete the previous instance's node {prev}: {e}; it expires with its session"),
+            Err(_) => log::warn!("zookeeper: deleting the previous instance's node {prev} timed out; it expires with its session"),
         }
     }
 
@@ -171,9 +216,13 @@ impl Registrar {
         let max = Duration::from_millis(self.cfg.max_retry_delay_ms.max(100));
         loop {
             // Nothing to do until the workers are ready.
-            while self.payload.is_none() && !self.deregistering {
+            while self.payload.is_none() && !self.deregistering && !self.detached {
                 let cmd = self.rx.recv().await;
                 self.absorb(cmd);
+            }
+            if self.detached {
+                self.detach(None);
+                return;
             }
             if self.deregistering {
                 self.deregister(None).await;
@@ -226,6 +275,9 @@ impl Registrar {
         let t = self.timeout();
         // Register, retrying while the session lives; commands are handled meanwhile.
         loop {
+            if self.detached {
+                return self.detach(Some(client));
+            }
             if self.deregistering {
                 return self.deregister(Some(client)).await;
             }
@@ -279,6 +331,7 @@ impl Registrar {
         }
         // Registered at the new place: now leave the old one.
         self.retire_old().await;
+        self.retire_previous(&client).await;
         loop {
             tokio::select! {
                 s = states.changed() => match s {
@@ -317,6 +370,10 @@ impl Registrar {
                         self.retire_old().await;
                         self.old = Some((client, self.node.take()));
                         return End::Moved;
+                    }
+                    Some(Cmd::Detach) => {
+                        self.detached = true;
+                        return self.detach(Some(client));
                     }
                     Some(Cmd::Deregister) | None => {
                         self.deregistering = true;

@@ -101,6 +101,19 @@ impl Passed {
         Some((UnixListener::from(fd), origin_of(&name)))
     }
 
+    /// The descriptor passed under `name` (the store's memfds).
+    pub fn take_named(&mut self, name: &str) -> Option<OwnedFd> {
+        let i = self.fds.iter().position(|(_, n)| n == name)?;
+        Some(self.fds.remove(i).0)
+    }
+
+    /// The descriptors passed under names starting with `prefix`.
+    pub fn take_prefixed(&mut self, prefix: &str) -> Vec<(String, OwnedFd)> {
+        let (taken, rest) = std::mem::take(&mut self.fds).into_iter().partition(|(_, n)| n.starts_with(prefix));
+        self.fds = rest;
+        taken.into_iter().map(|(fd, n)| (n, fd)).collect()
+    }
+
     /// Closes what was not adopted, and removes it from the store.
     pub fn discard(self) {
         let mut names: Vec<String> = Vec::new();

@@ -24,10 +24,10 @@ use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::rc::Rc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
@@ -141,9 +141,16 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
             return 1;
         }
     };
-    let (mut chan_rd, chan_wr) = chan.into_split();
+    let (chan_rd, chan_wr) = chan.into_split();
     let mut report = Report { wr: chan_wr };
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("signal handler: {e}");
+            return 1;
+        }
+    };
+    let mut usr2 = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2()) {
         Ok(s) => s,
         Err(e) => {
             log::error!("signal handler: {e}");
@@ -190,6 +197,8 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
         draining: Cell::new(false),
         wakers: RefCell::new(HashMap::new()),
         next_conn: Cell::new(0),
+        handover: Cell::new(false),
+        handed: RefCell::new(Vec::new()),
     });
 
     release_startup_text();
@@ -204,18 +213,23 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
     let hb_every = Duration::from_millis(cfg.server.heartbeat_interval_ms);
     let mut hb = tokio::time::interval(hb_every);
     hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut chan_buf = [0u8; 64];
+    let mut from_master = crate::handover::Reader::default();
     let mut accept_backoff = Duration::from_millis(10);
     let mut listener = Some(listener);
     loop {
         tokio::select! {
             biased;
             _ = term.recv() => break,
-            r = chan_rd.read(&mut chan_buf) => {
-                if matches!(r, Ok(0) | Err(_)) {
+            _ = usr2.recv() => {
+                shared.handover.set(true);
+                break;
+            }
+            r = from_master.fill(chan_rd.as_ref()) => {
+                if !matches!(r, Ok(true)) {
                     log::warn!("master channel closed; exiting");
                     return 1;
                 }
+                adopt(&mut from_master, &shared);
             }
             _ = hb.tick() => {
                 if !report.heartbeat(&shared).await {
@@ -248,7 +262,12 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
     // connection answer what it has received, then retire the handlers.
     drop(listener.take());
     shared.begin_drain();
-    log::info!("draining {} connection(s)", shared.connections.get());
+    let handover = shared.handover.get();
+    if handover {
+        log::info!("restart: handing over {} connection(s) once what they are owed is written", shared.connections.get());
+    } else {
+        log::info!("draining {} connection(s)", shared.connections.get());
+    }
     let deadline = Instant::now() + Duration::from_secs(cfg.server.graceful_timeout_secs);
     let mut flushing: Option<Instant> = None;
     loop {
@@ -283,6 +302,19 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
             }
         }
     }
+    // What goes to the next instance: each connection with its bytes.
+    let handed = std::mem::take(&mut *shared.handed.borrow_mut());
+    if !handed.is_empty() {
+        let n = handed.len();
+        for c in handed {
+            let line = crate::handover::conn_line(&c.leftover);
+            if let Err(e) = crate::handover::send_with_fd(report.wr.as_ref(), line.as_bytes(), Some(c.fd.as_raw_fd())).await {
+                log::error!("cannot hand connections to the master: {e}");
+                break;
+            }
+        }
+        log::info!("handed {n} connection(s) to the master");
+    }
     let requests = shared.requests.get();
     if !handlers.is_empty() {
         handlers.retire_all();
@@ -293,6 +325,28 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
     let _ = report.line(&msg).await;
     log::info!("drained after {requests} request(s); exiting");
     0
+}
+
+/// Serves the connections the master passed (handed over by the previous
+/// instance), each with the bytes of a frame its client had partly sent.
+fn adopt(from_master: &mut crate::handover::Reader, shared: &Rc<Shared>) {
+    while let Some(line) = from_master.line() {
+        let Some(leftover) = crate::handover::parse_conn(&line) else { continue };
+        let Some(fd) = from_master.fd() else {
+            log::warn!("the master passed a connection without its descriptor");
+            continue;
+        };
+        let std = std::net::TcpStream::from(fd);
+        let stream = match std.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(std)) {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("cannot serve a handed-over connection: {e}");
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::task::spawn_local(connection::serve_adopted(stream, shared.clone(), leftover));
+    }
 }
 
 /// Waits until every handler process is reaped (the kill ladder bounds it).

@@ -172,3 +172,218 @@ fn a_restart_through_the_fd_store_refuses_no_connect() {
     eprintln!("restart without the store: {ok} ok, {refused} refused, {} failed", failed.len());
     assert!(refused > 0, "the client must see refusals when nothing holds the listener");
 }
+
+/// Persistent clients: each keeps one connection and sends numbered pings
+/// one after another until told to stop, never reconnecting. Per client:
+/// (pings answered, worst latency, the first failure).
+struct Persistent {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<(u64, Duration, Option<String>)>>,
+    answered: Arc<Vec<std::sync::atomic::AtomicU64>>,
+}
+
+impl Persistent {
+    fn start(port: u16, n: usize) -> Persistent {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered: Arc<Vec<std::sync::atomic::AtomicU64>> = Arc::new((0..n).map(|_| Default::default()).collect());
+        let threads = (0..n)
+            .map(|t| {
+                let (stop, answered) = (stop.clone(), answered.clone());
+                std::thread::spawn(move || {
+                    let mut c = connect(port);
+                    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    let local = c.local_addr().unwrap();
+                    let end = Instant::now() + Duration::from_secs(60);
+                    let (mut ok, mut worst) = (0u64, Duration::ZERO);
+                    while !stop.load(Ordering::SeqCst) && Instant::now() < end {
+                        let p = json!([t, ok]);
+                        let t0 = Instant::now();
+                        if let Err(e) = c.write_all(&frame(json!({"in": "ping", "params": p}).to_string().as_bytes())) {
+                            return (ok, worst, Some(format!("ping {ok} from {local}: write: {e}")));
+                        }
+                        match read_frame(&mut c) {
+                            Some(v) if v["result"] == p => {}
+                            Some(v) => return (ok, worst, Some(format!("ping {ok} from {local}: reply {v}"))),
+                            None => return (ok, worst, Some(format!("ping {ok} from {local}: closed before the reply"))),
+                        }
+                        worst = worst.max(t0.elapsed());
+                        ok += 1;
+                        answered[t].store(ok, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    (ok, worst, None)
+                })
+            })
+            .collect();
+        Persistent { stop, threads, answered }
+    }
+
+    fn counts(&self) -> Vec<u64> {
+        self.answered.iter().map(|a| a.load(Ordering::SeqCst)).collect()
+    }
+
+    /// Waits until every client has had `more` pings answered beyond `from`.
+    fn wait_progress(&self, from: &[u64], more: u64) {
+        wait_for("every persistent client to make progress", Duration::from_secs(20), || {
+            self.counts().iter().zip(from).all(|(now, before)| *now >= before + more).then_some(())
+        });
+    }
+
+    fn finish(self) -> Vec<(u64, Duration, Option<String>)> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.threads.into_iter().map(|t| t.join().unwrap()).collect()
+    }
+}
+
+/// A stop for a restart (`rpcctl stop --restart`; under systemd, SIGTERM
+/// during a restart job) as the service manager sees it: returns once the
+/// old instance has exited, with what it stored.
+fn stop_for_restart(a: &mut Daemon) -> String {
+    let (rpcctl, socket) = (env!("CARGO_BIN_EXE_rpcctl"), a.socket.clone());
+    let ctl = std::thread::spawn(move || std::process::Command::new(rpcctl).arg("--socket").arg(socket).args(["stop", "--restart"]).output().unwrap());
+    assert_eq!(a.wait_exit(Duration::from_secs(20)), Some(0), "log:\n{}", a.log());
+    a.drain_notes();
+    let out = ctl.join().unwrap();
+    assert!(out.status.success(), "rpcctl stop --restart: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_restart_hands_persistent_connections_to_the_next_instance() {
+    let clients = 12;
+    let mut a = Daemon::start(Opts { workers: 2, fd_store: true, ..Default::default() });
+    let port = a.port;
+    let load = Persistent::start(port, clients);
+    load.wait_progress(&vec![0; clients], 20);
+    // A client in the middle of sending a frame when the restart comes: the
+    // worker has read its first bytes (they go over in the state).
+    let mut partial = connect(port);
+    partial.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let req = frame(json!({"in": "ping", "params": "split"}).to_string().as_bytes());
+    partial.write_all(&req[..9]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = load.counts();
+
+    let out = stop_for_restart(&mut a);
+    assert!(out.contains(&format!("handed over: {} connection(s)", clients + 1)), "{out}\nlog:\n{}", a.log());
+    let names: Vec<String> = a.stored.iter().map(|(n, _)| n.clone()).collect();
+    let conns = names.iter().filter(|n| n.starts_with("conn-")).count();
+    assert_eq!(conns, clients + 1, "stored: {names:?}");
+    assert!(names.contains(&"handover".to_string()) && names.contains(&"listen".to_string()), "stored: {names:?}");
+    // systemd's stop-to-start gap.
+    std::thread::sleep(Duration::from_millis(200));
+    let passed: Vec<(i32, String)> = a.stored.iter().map(|(n, fd)| (fd.as_raw_fd(), n.clone())).collect();
+    let mut b = Daemon::start(Opts { workers: 2, port: Some(port), passed, fd_store: true, ..Default::default() });
+    // B owns the connections now: A's copies go, as systemd's do once B
+    // removes them from the store.
+    a.stored.clear();
+    load.wait_progress(&before, 20);
+    partial.write_all(&req[9..]).unwrap();
+    assert_eq!(read_frame(&mut partial).map(|v| v["result"].clone()), Some(json!("split")), "the split frame was answered after the restart");
+    let held: u64 = wait_for("B's workers to report the adopted connections", Duration::from_secs(10), || {
+        let n: u64 = b.status()["workers"].as_array().unwrap().iter().map(|w| w["connections"].as_u64().unwrap()).sum();
+        (n == clients as u64 + 1).then_some(n)
+    });
+    assert!(b.log().contains(&format!("adopting {} connection(s)", clients + 1)), "log:\n{}", b.log());
+    // B removed them from the store (they are its workers' now).
+    b.drain_notes();
+    assert!(!b.stored.iter().any(|(n, _)| n.starts_with("conn-") || n == "handover"), "{:?}", b.notes);
+    let results = load.finish();
+    let worst = results.iter().map(|r| r.1).max().unwrap();
+    eprintln!("restart with {held} persistent connections: {} pings, 0 failed, worst {worst:?}", results.iter().map(|r| r.0).sum::<u64>());
+    for r in &results {
+        assert_eq!(r.2, None, "a persistent client failed");
+    }
+
+    // Negative control: a plain stop does not hand them over, and the
+    // clients see it (the generator can fail).
+    let load = Persistent::start(port, 4);
+    load.wait_progress(&[0; 4], 10);
+    kill(b.pid, libc::SIGTERM);
+    assert_eq!(b.wait_exit(Duration::from_secs(20)), Some(0));
+    let results = load.finish();
+    assert!(results.iter().all(|r| r.2.is_some()), "every client of a stopped daemon must see its connection end: {results:?}");
+}
+
+/// `rpcctl servers --json` every 50 ms until stopped: (samples, empty
+/// samples, the largest count seen).
+struct DiscoveryPoll {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64, usize)>,
+}
+
+impl DiscoveryPoll {
+    fn start(hosts: String, root: &'static str) -> DiscoveryPoll {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut samples, mut empty, mut most) = (0, 0, 0);
+            let end = Instant::now() + Duration::from_secs(60);
+            while !s.load(Ordering::SeqCst) && Instant::now() < end {
+                let out = std::process::Command::new(env!("CARGO_BIN_EXE_rpcctl")).args(["servers", "--zk", &hosts, "--root", root, "--json"]).output().unwrap();
+                if out.status.success() {
+                    let n = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok().and_then(|v| v.as_array().map(Vec::len)).unwrap_or(0);
+                    samples += 1;
+                    empty += u64::from(n == 0);
+                    most = most.max(n);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (samples, empty, most)
+        });
+        DiscoveryPoll { stop, thread }
+    }
+
+    fn finish(self) -> (u64, u64, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
+#[test]
+fn a_restart_keeps_the_daemon_discoverable_and_ends_with_one_node() {
+    let z = ZkServer::start();
+    let root = "/restarts";
+    let zk = format!("enabled = true\nhosts = \"{}\"\nroot = \"{root}\"\nsession_timeout_ms = 6000\nderegister_delay_ms = 200", z.hosts());
+    let mut a = Daemon::start(Opts { workers: 1, zookeeper: Some(zk.clone()), fd_store: true, ..Default::default() });
+    let port = a.port;
+    let node_a = wait_for("A registered", Duration::from_secs(20), || a.status()["zookeeper"]["node"].as_str().map(String::from));
+    // The registration memfd went into the store with the node's path.
+    wait_for("the registration in the store", Duration::from_secs(5), || {
+        a.drain_notes();
+        a.stored.iter().any(|(n, _)| n == "zk").then_some(())
+    });
+    let poll = DiscoveryPoll::start(z.hosts(), root);
+    std::thread::sleep(Duration::from_millis(300));
+    stop_for_restart(&mut a);
+    // Make-before-break: the old instance is gone, its node is not.
+    let nodes: Vec<String> = z.children(root).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(nodes, vec![node_a.clone()], "the node outlives the instance that stopped for the restart");
+    std::thread::sleep(Duration::from_millis(200));
+    let passed: Vec<(i32, String)> = a.stored.iter().map(|(n, fd)| (fd.as_raw_fd(), n.clone())).collect();
+    let mut b = Daemon::start(Opts { workers: 1, port: Some(port), zookeeper: Some(zk), passed, fd_store: true, ..Default::default() });
+    a.stored.clear();
+    let node_b = wait_for("B registered", Duration::from_secs(20), || b.status()["zookeeper"]["node"].as_str().map(String::from));
+    assert_ne!(node_a, node_b);
+    let left = wait_for("one node, B's", Duration::from_secs(4), || {
+        let nodes = z.children(root);
+        (nodes.len() == 1).then_some(nodes)
+    });
+    assert_eq!(left[0].0, node_b);
+    assert_eq!(left[0].1["pid"], json!(b.pid));
+    assert!(b.log().contains(&format!("deleted {node_a}, the previous instance's node")), "log:\n{}", b.log());
+    std::thread::sleep(Duration::from_millis(200));
+    let (samples, empty, most) = poll.finish();
+    eprintln!("discovery through a restart: {samples} samples, {empty} empty, at most {most} node(s)");
+    assert!(samples >= 5, "{samples}");
+    assert_eq!(empty, 0, "discovery was empty during the restart");
+
+    // Negative control: a plain stop deregisters, and the poll sees it.
+    let poll = DiscoveryPoll::start(z.hosts(), root);
+    std::thread::sleep(Duration::from_millis(300));
+    kill(b.pid, libc::SIGTERM);
+    assert_eq!(b.wait_exit(Duration::from_secs(20)), Some(0));
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, empty, _) = poll.finish();
+    assert!(empty > 0, "the poll must see an empty discovery after a stop");
+}

@@ -3,7 +3,7 @@ use rpcd::client::{Caller, Strategy};
 use rpcd::config::{Config, DEFAULT_PATH};
 use rpcd::control::{Client, ClientError};
 use rpcd::discovery::Servers;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::exit;
 use std::time::Duration;
@@ -35,6 +35,12 @@ enum Cmd {
         /// Give up waiting after this many seconds.
         #[arg(long, default_value_t = 300, value_name = "SECS")]
         timeout: u64,
+        /// The service manager starts rpcd again at once (what SIGTERM does
+        /// during `systemctl restart`): hand the open connections and the
+        /// ZooKeeper registration over through its file descriptor store
+        /// instead of deregistering and draining.
+        #[arg(long)]
+        restart: bool,
     },
     /// Reload the configuration; returns once the reload is complete (exit 1 if it was refused).
     Reload {
@@ -177,9 +183,14 @@ fn handler_pids(h: &Value) -> String {
 }
 
 fn control(args: &Args, cmd: &str, timeout: Duration) -> (Client, Value) {
+    control_request(args, json!({"cmd": cmd}), timeout)
+}
+
+fn control_request(args: &Args, req: Value, timeout: Duration) -> (Client, Value) {
+    let cmd = req["cmd"].as_str().unwrap_or("").to_string();
     let path = socket_path(args);
     let mut c = Client::connect(&path).unwrap_or_else(|e| die(e));
-    let v = c.call(cmd, timeout).unwrap_or_else(|e| die(e));
+    let v = c.request(req, timeout).unwrap_or_else(|e| die(e));
     if v["ok"] != Value::Bool(true) {
         eprintln!("rpcctl: {cmd} failed: {}", v["error"].as_str().unwrap_or("unknown error"));
         exit(1);
@@ -207,8 +218,9 @@ fn main() {
                 print_status(&v);
             }
         }
-        Cmd::Stop { timeout } => {
-            let (mut c, v) = control(&args, "stop", Duration::from_secs(*timeout));
+        Cmd::Stop { timeout, restart } => {
+            let req = if *restart { json!({"cmd": "stop", "restart": true}) } else { json!({"cmd": "stop"}) };
+            let (mut c, v) = control_request(&args, req, Duration::from_secs(*timeout));
             if !c.wait_closed(Duration::from_secs(10)) {
                 eprintln!("rpcctl: the daemon replied but has not exited within 10s");
                 exit(1);
@@ -225,7 +237,11 @@ fn main() {
             }
             let reaped = v["reaped"].as_array().cloned().unwrap_or_default();
             let pids: Vec<String> = reaped.iter().map(|r| r["pid"].to_string()).collect();
-            println!("stopped rpcd (pid {pid}); reaped {} worker(s): {}", reaped.len(), pids.join(" "));
+            let verb = if v["handed_over"].is_u64() { "stopped rpcd for a restart" } else { "stopped rpcd" };
+            println!("{verb} (pid {pid}); reaped {} worker(s): {}", reaped.len(), pids.join(" "));
+            if let Some(n) = v["handed_over"].as_u64() {
+                println!("  handed over: {n} connection(s), the listener and the ZooKeeper registration");
+            }
             for r in &reaped {
                 println!("  {} {}", r["pid"], r["status"].as_str().unwrap_or(""));
                 for h in r["handlers"].as_array().into_iter().flatten() {

@@ -13,6 +13,7 @@ use stop::StopOp;
 
 use crate::config::{Config, InProcess};
 use crate::control::{self, Acl, Command as Ctl, Reply};
+use crate::handover;
 use crate::notify;
 use crate::sockets::{self, Origin, Passed};
 use crate::pool::{Backoff, Pool, Reaped, WState, Worker};
@@ -21,9 +22,10 @@ use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
+use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::io::AsyncBufReadExt;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -40,6 +42,8 @@ enum WorkerMsg {
     Fail(String),
     /// The handler processes it reaped before exiting.
     Reaped(Vec<Value>),
+    /// A connection handed over for a restart.
+    Conn(handover::Conn),
     /// Its channel closed (it has exited): all it said has been read.
     Closed,
 }
@@ -107,6 +111,13 @@ pub struct Master {
     watchdog: Option<(Duration, Instant)>,
     last_status: String,
     exit_code: Option<i32>,
+    /// The master's end of each worker's channel, for passing connections.
+    chans: HashMap<i32, Arc<tokio::net::UnixStream>>,
+    /// Connections the previous instance handed over, until the first
+    /// generation is ready to take them: (store name, connection).
+    adopted: Vec<(String, handover::Conn)>,
+    /// The node last written to the store's registration memfd.
+    stored_node: Option<String>,
 }
 
 /// Binds the TCP listener: SO_REUSEADDR, a real backlog.
@@ -174,6 +185,7 @@ impl Master {
             }
             Ok::<_, String>((listener, addr, origin))
         })();
+        let (adopted, previous_node) = take_handover(&mut passed, &cfg);
         passed.discard();
         let (listener, addr, origin) = match bound {
             Ok(b) => b,
@@ -198,7 +210,7 @@ impl Master {
         let (zk_tx, zk_rx) = mpsc::unbounded_channel();
         let (acl_tx, acl_rx) = watch::channel(Acl::from_config(&cfg.control));
         tokio::spawn(control::serve(ctl_listener, ctl_tx, acl_rx));
-        let zk = cfg.zookeeper.enabled.then(|| registry::Handle::start(&cfg.zookeeper, zk_tx));
+        let zk = cfg.zookeeper.enabled.then(|| registry::Handle::start(&cfg.zookeeper, zk_tx, previous_node.clone()));
         let zk_state = if zk.is_some() { ZkState::Connecting } else { ZkState::Disabled };
         let watchdog = notify::watchdog_interval().map(|d| (d / 2, Instant::now()));
         log::info!(
@@ -239,6 +251,9 @@ impl Master {
             watchdog,
             last_status: String::new(),
             exit_code: None,
+            chans: HashMap::new(),
+            adopted,
+            stored_node: previous_node,
         };
         Ok((m, ev_rx, ctl_rx, zk_rx))
     }
@@ -267,8 +282,8 @@ impl Master {
         while self.exit_code.is_none() {
             tokio::select! {
                 _ = sigchld.recv() => self.on_reap(),
-                _ = sigterm.recv() => { log::info!("SIGTERM: graceful stop"); self.begin_stop(None) }
-                _ = sigint.recv() => { log::info!("SIGINT: graceful stop"); self.begin_stop(None) }
+                _ = sigterm.recv() => self.on_sigterm(),
+                _ = sigint.recv() => { log::info!("SIGINT: graceful stop"); self.begin_stop(None, false) }
                 _ = sighup.recv() => { log::info!("SIGHUP: reload"); self.request_reload(None) }
                 Some((pid, msg)) = events.recv() => self.on_worker_msg(pid, msg),
                 Some(req) = ctl.recv() => self.on_control(req),
@@ -314,6 +329,7 @@ impl Master {
     /// A worker has exited and all it reported has been read: record it for
     /// the stop or reload under way, or start its slot again.
     fn finish_worker(&mut self, r: Reaped, w: Worker) {
+        self.chans.remove(&r.pid);
         let with_handlers = |r: Reaped| {
             let mut v = serde_json::to_value(&r).unwrap_or(Value::Null);
             if !w.reaped_handlers.is_empty() || !w.handlers.is_empty() {
@@ -388,6 +404,11 @@ impl Master {
     }
 
     fn on_worker_msg(&mut self, pid: i32, msg: WorkerMsg) {
+        // (Read before or after the worker was reaped, alike.)
+        let msg = match msg {
+            WorkerMsg::Conn(c) => return self.handed_over(c),
+            m => m,
+        };
         if let Some(i) = self.exited.iter().position(|(_, w, _)| w.pid == pid) {
             // Reaped already: its last words.
             match msg {
@@ -416,6 +437,7 @@ impl Master {
             WorkerMsg::Handlers(h) => w.handlers = h,
             WorkerMsg::Closed => w.channel_closed = true,
             WorkerMsg::Reaped(r) => w.reaped_handlers = r,
+            WorkerMsg::Conn(_) => {}
             WorkerMsg::Fail(why) => {
                 let (generation, slot) = (w.generation, w.slot);
                 log::error!("worker {pid} (generation {generation}, slot {slot}) cannot start: {why}");
@@ -436,7 +458,7 @@ impl Master {
             eprintln!("rpcd: {msg}");
             self.start_failure = Some(msg);
             self.pool.kill_now(pid, "failed to start");
-            self.begin_stop(None);
+            self.begin_stop(None, false);
         }
     }
 
@@ -446,9 +468,9 @@ impl Master {
                 let v = self.status_json();
                 let _ = req.reply.send(Reply { value: v, written: None });
             }
-            Ctl::Stop => {
-                log::info!("stop requested on the control socket");
-                self.begin_stop(Some(req.reply));
+            Ctl::Stop { restart } => {
+                log::info!("{} requested on the control socket", if restart { "stop for a restart" } else { "stop" });
+                self.begin_stop(Some(req.reply), restart);
             }
             Ctl::Reload => {
                 log::info!("reload requested on the control socket");
@@ -462,6 +484,32 @@ impl Master {
             log::debug!("zookeeper state: {:?} {}", st.state, st.node.as_deref().unwrap_or(""));
         }
         self.zk_status = st;
+        // A restart (or a crash restart) finds our node in the store, and
+        // the next instance deletes it once its own node exists.
+        if self.zk_status.state == ZkState::Registered && self.zk_status.node.is_some() && self.zk_status.node != self.stored_node {
+            let node = self.zk_status.node.clone().unwrap_or_default();
+            let text = json!({"node": node, "hosts": self.cur.cfg.zookeeper.hosts}).to_string();
+            match handover::memfd("rpcd-zk", &text) {
+                Ok(fd) => {
+                    notify::remove_stored(handover::ZK_NAME);
+                    sockets::store(handover::ZK_NAME, &fd);
+                    self.stored_node = Some(node);
+                }
+                Err(e) => log::warn!("cannot keep the registration for a restart: {e}"),
+            }
+        }
+    }
+
+    /// SIGTERM: a restart job of the service manager's gets the handover,
+    /// any other the graceful stop.
+    fn on_sigterm(&mut self) {
+        if self.stop.is_some() {
+            log::info!("SIGTERM again");
+            return self.begin_stop(None, false);
+        }
+        let restart = handover::restart_pending(Duration::from_millis(1500));
+        log::info!("SIGTERM: {}", if restart { "restart (systemd restart job): handing over" } else { "graceful stop" });
+        self.begin_stop(None, restart);
     }
 
     fn on_tick(&mut self) {
@@ -495,6 +543,54 @@ impl Master {
                 self.watchdog = Some((every, now + every));
             }
         }
+    }
+
+    /// Gives the connections the previous instance handed over to the
+    /// first generation's workers, round robin, and removes them from the
+    /// store (the workers own them now).
+    fn deliver_adopted(&mut self) {
+        if self.adopted.is_empty() {
+            return;
+        }
+        let targets: Vec<(i32, Arc<tokio::net::UnixStream>)> = self
+            .pool
+            .workers
+            .values()
+            .filter(|w| w.generation == self.cur.id && w.state == WState::Serving)
+            .filter_map(|w| Some((w.pid, self.chans.get(&w.pid)?.clone())))
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let mut batches: Vec<Vec<handover::Conn>> = targets.iter().map(|_| Vec::new()).collect();
+        let n = self.adopted.len();
+        for (i, (name, conn)) in std::mem::take(&mut self.adopted).into_iter().enumerate() {
+            notify::remove_stored(&name);
+            batches[i % targets.len()].push(conn);
+        }
+        log::info!("passing {n} handed-over connection(s) to {} worker(s)", targets.len());
+        for ((pid, chan), batch) in targets.into_iter().zip(batches) {
+            tokio::spawn(async move {
+                for c in batch {
+                    let line = handover::conn_line(&c.leftover);
+                    if let Err(e) = handover::send_with_fd(&chan, line.as_bytes(), Some(std::os::fd::AsRawFd::as_raw_fd(&c.fd))).await {
+                        log::warn!("cannot pass connections to worker {pid}: {e}");
+                        break;
+                    }
+                }
+            });
+        }
+    }
+
+    /// A worker handed a connection over for a restart: into the store.
+    fn handed_over(&mut self, c: handover::Conn) {
+        let Some(stop) = self.stop.as_mut().filter(|s| s.restart) else {
+            log::warn!("a worker handed over a connection outside a restart; closing it");
+            return;
+        };
+        let name = format!("{}{}", handover::CONN_PREFIX, stop.handed.len() + 1);
+        sockets::store(&name, &c.fd);
+        stop.handed.push((name, c.leftover));
     }
 
     // ---- state machine ----
@@ -549,17 +645,24 @@ impl Master {
         }
     }
 
-    fn watch_channel(&self, pid: i32, chan: std::os::unix::net::UnixStream) {
+    fn watch_channel(&mut self, pid: i32, chan: std::os::unix::net::UnixStream) {
         let tx = self.events.clone();
         if chan.set_nonblocking(true).is_err() {
             return;
         }
         let Ok(chan) = tokio::net::UnixStream::from_std(chan) else { return };
+        let chan = Arc::new(chan);
+        self.chans.insert(pid, chan.clone());
         tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(chan).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+            let mut reader = handover::Reader::default();
+            'read: while let Ok(true) = reader.fill(&chan).await {
+              while let Some(line) = reader.line() {
                 let mut it = line.split_ascii_whitespace();
                 let msg = match it.next() {
+                    Some("conn") => match (handover::parse_conn(&line), reader.fd()) {
+                        (Some(leftover), Some(fd)) => WorkerMsg::Conn(handover::Conn { fd, leftover }),
+                        _ => continue,
+                    },
                     Some("ready") => WorkerMsg::Ready,
                     Some("hb") => {
                         let requests = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -578,8 +681,9 @@ impl Master {
                     _ => continue,
                 };
                 if tx.send((pid, msg)).is_err() {
-                    break;
+                    break 'read;
                 }
+              }
             }
             let _ = tx.send((pid, WorkerMsg::Closed));
         });
@@ -596,6 +700,7 @@ impl Master {
             let n = self.cur.slots.len();
             log::info!("ready: {n} worker(s) accepting on {} after {:.0} ms", self.cur.addr, self.started.elapsed().as_secs_f64() * 1000.0);
             notify::ready(&self.status_line());
+            self.deliver_adopted();
             if let Some(zk) = &self.zk {
                 zk.publish(self.zk_payload());
             }
@@ -704,6 +809,52 @@ impl Master {
         })
     }
 
+}
+
+/// What the previous instance handed over through the store: the
+/// connections its state names (others are closed: their framing is
+/// unknown), and its ZooKeeper node when the ensemble is the same.
+fn take_handover(passed: &mut Passed, cfg: &Config) -> (Vec<(String, handover::Conn)>, Option<String>) {
+    let read = |fd| handover::read_memfd(fd).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok());
+    let state = passed.take_named(handover::STATE_NAME).and_then(read);
+    let zk = passed.take_named(handover::ZK_NAME).and_then(read);
+    let conns = passed.take_prefixed(handover::CONN_PREFIX);
+    let mut adopted = Vec::new();
+    let mut unknown = 0usize;
+    for (name, fd) in conns {
+        let leftover = state.as_ref().and_then(|s| s["conns"][&name].as_str()).and_then(handover::unhex);
+        let tcp = socket2::SockRef::from(&fd).r#type().ok() == Some(Type::STREAM) && !socket2::SockRef::from(&fd).is_listener().unwrap_or(true);
+        match leftover {
+            Some(leftover) if tcp => adopted.push((name, handover::Conn { fd, leftover })),
+            _ => {
+                unknown += 1;
+                notify::remove_stored(&name);
+            }
+        }
+    }
+    if unknown > 0 {
+        log::warn!("closed {unknown} passed connection(s) that the handover state does not describe");
+    }
+    if state.is_some() {
+        notify::remove_stored(handover::STATE_NAME);
+    }
+    if !adopted.is_empty() {
+        log::info!("adopting {} connection(s) handed over by the previous instance", adopted.len());
+    }
+    let had_zk = zk.is_some();
+    let node = zk.and_then(|z| {
+        let node = z["node"].as_str()?.to_string();
+        if z["hosts"].as_str() == Some(cfg.zookeeper.hosts.as_str()) && cfg.zookeeper.enabled {
+            Some(node)
+        } else {
+            log::info!("the previous instance's node {node} was on another ensemble; it expires with its session");
+            None
+        }
+    });
+    if had_zk && node.is_none() {
+        notify::remove_stored(handover::ZK_NAME);
+    }
+    (adopted, node)
 }
 
 fn round3(d: Duration) -> f64 {

@@ -3,9 +3,15 @@
 //! what they have received (handler calls included), retire their handler
 //! processes; SIGKILL after the grace; reap; exit 0. A second SIGTERM or
 //! SIGINT stops waiting.
+//!
+//! A stop for a restart hands over instead ([`crate::handover`]): the node
+//! stays registered, workers (SIGUSR2) finish what is in flight and pass
+//! their idle connections to the master, which stores them with the state
+//! that describes them; the listener and control socket stay in the store.
 
 use super::{Master, Phase, Responder};
 use crate::control::Reply;
+use crate::handover;
 use crate::notify;
 use crate::registry::ZkState;
 use serde_json::{json, Value};
@@ -17,10 +23,15 @@ pub(super) struct StopOp {
     /// Waiting for ZooKeeper deregistration until then; None once draining.
     pub(super) deregister_until: Option<Instant>,
     pub(super) reaped: Vec<Value>,
+    /// A restart: hand over instead of stopping.
+    pub(super) restart: bool,
+    /// Connections stored for the next instance: (store name, bytes read of
+    /// their next frame).
+    pub(super) handed: Vec<(String, Vec<u8>)>,
 }
 
 impl Master {
-    pub(super) fn begin_stop(&mut self, responder: Option<Responder>) {
+    pub(super) fn begin_stop(&mut self, responder: Option<Responder>, restart: bool) {
         if let Some(stop) = &mut self.stop {
             let by_signal = responder.is_none();
             stop.responders.extend(responder);
@@ -39,7 +50,11 @@ impl Master {
         }
         self.phase = Phase::Stopping;
         notify::stopping();
-        log::info!("stopping: deregister, stop accepting, drain for up to {}s, reap", self.cur.cfg.server.graceful_timeout_secs);
+        if restart {
+            log::info!("stopping for a restart: keep the registration, finish what is in flight for up to {}s, hand the connections over, reap", self.cur.cfg.server.graceful_timeout_secs);
+        } else {
+            log::info!("stopping: deregister, stop accepting, drain for up to {}s, reap", self.cur.cfg.server.graceful_timeout_secs);
+        }
         if let Some(op) = self.reload.take() {
             for r in op.responders {
                 let _ = r.send(Reply { value: json!({"ok": false, "error": "rpcd is stopping"}), written: None });
@@ -49,6 +64,10 @@ impl Master {
             let _ = r.send(Reply { value: json!({"ok": false, "error": "rpcd is stopping"}), written: None });
         }
         let deregister_until = match &self.zk {
+            Some(zk) if restart => {
+                zk.detach();
+                None
+            }
             Some(zk) => {
                 zk.deregister();
                 let z = &self.cur.cfg.zookeeper;
@@ -56,7 +75,7 @@ impl Master {
             }
             None => None,
         };
-        self.stop = Some(StopOp { responders: responder.into_iter().collect(), deregister_until, reaped: Vec::new() });
+        self.stop = Some(StopOp { responders: responder.into_iter().collect(), deregister_until, reaped: Vec::new(), restart, handed: Vec::new() });
         if deregister_until.is_none() {
             self.drain_all();
         }
@@ -64,7 +83,12 @@ impl Master {
 
     pub(super) fn drain_all(&mut self) {
         let grace = self.cur.cfg.worker_grace();
-        self.pool.retire(grace, |_| true);
+        let first = if self.stop.as_ref().is_some_and(|s| s.restart) {
+            nix::sys::signal::Signal::SIGUSR2
+        } else {
+            nix::sys::signal::Signal::SIGTERM
+        };
+        self.pool.retire_with(first, grace, |_| true);
         // Stop accepting: close the master's copy of the listener too.
         self.cur.listener = None;
     }
@@ -86,15 +110,34 @@ impl Master {
         }
     }
 
+    /// The memfd that tells the next instance which stored connections are
+    /// ours and what their clients had sent of their next frame.
+    fn store_handover_state(&self, handed: &[(String, Vec<u8>)]) {
+        let conns: serde_json::Map<String, Value> = handed.iter().map(|(n, b)| (n.clone(), Value::from(handover::hex(b)))).collect();
+        let text = json!({"pid": std::process::id(), "conns": conns}).to_string();
+        match handover::memfd("rpcd-handover", &text) {
+            Ok(fd) => {
+                notify::remove_stored(handover::STATE_NAME);
+                crate::sockets::store(handover::STATE_NAME, &fd);
+                log::info!("handed {} connection(s) over to the next instance", handed.len());
+            }
+            Err(e) => log::error!("cannot store the handover state: {e}; the next instance closes the {} stored connection(s)", handed.len()),
+        }
+    }
+
     pub(super) async fn finish_stop(mut self) -> i32 {
         self.on_reap();
         for (r, w, _) in std::mem::take(&mut self.exited) {
             self.finish_worker(r, w);
         }
-        let stop = self.stop.take().unwrap_or(StopOp { responders: vec![], deregister_until: None, reaped: vec![] });
+        let stop = self.stop.take().unwrap_or(StopOp { responders: vec![], deregister_until: None, reaped: vec![], restart: false, handed: vec![] });
         let pids: Vec<i64> = stop.reaped.iter().filter_map(|r| r["pid"].as_i64()).collect();
         log::info!("stopped: reaped worker(s) {pids:?}");
-        let v = json!({"ok": true, "pid": std::process::id(), "reaped": stop.reaped});
+        let mut v = json!({"ok": true, "pid": std::process::id(), "reaped": stop.reaped});
+        if stop.restart {
+            v["handed_over"] = json!(stop.handed.len());
+            self.store_handover_state(&stop.handed);
+        }
         let mut acks = Vec::new();
         for r in stop.responders {
             let (tx, rx) = oneshot::channel();
@@ -108,14 +151,21 @@ impl Master {
             }
         })
         .await;
-        let _ = std::fs::remove_file(&self.cur.cfg.control.socket);
-        // Give a busy service manager up to 100 ms to take what is queued.
-        for _ in 0..20 {
+        if !stop.restart {
+            let _ = std::fs::remove_file(&self.cur.cfg.control.socket);
+        }
+        // Give a busy service manager time to take what is queued (the
+        // handed-over connections: up to 5 s), and to have processed it.
+        let limit = if stop.restart { 1000 } else { 20 };
+        for _ in 0..limit {
             notify::flush();
             if !notify::pending() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if stop.restart {
+            notify::barrier(Duration::from_secs(2));
         }
         log::logger().flush();
         if let Some(why) = &self.start_failure {

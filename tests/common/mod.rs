@@ -323,6 +323,11 @@ impl Daemon {
             }
             let n = msg.bytes;
             let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if self.fd_store && text.lines().any(|l| l == "FDSTOREREMOVE=1") {
+                let name = text.lines().find_map(|l| l.strip_prefix("FDNAME=")).unwrap_or("").to_string();
+                self.stored.retain(|(n, _)| *n != name);
+            }
+            // (A BARRIER=1's descriptor is closed with `fds`, as systemd does.)
             if self.fd_store && text.lines().any(|l| l == "FDSTORE=1") {
                 let name = text.lines().find_map(|l| l.strip_prefix("FDNAME=")).unwrap_or("stored").to_string();
                 for fd in fds {
@@ -406,16 +411,17 @@ impl Daemon {
 
     /// Waits for the master to exit and returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let child = self.child.as_mut().unwrap();
         let end = Instant::now() + timeout;
         loop {
-            if let Some(st) = child.try_wait().unwrap() {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 self.child = None;
                 return st.code();
             }
             if Instant::now() > end {
                 panic!("rpcd did not exit within {timeout:?}; log:\n{}", self.log());
             }
+            // Answer the service manager's part (stored descriptors, BARRIER=1).
+            self.drain_notes();
             std::thread::sleep(Duration::from_millis(20));
         }
     }
