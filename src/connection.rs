@@ -73,6 +73,8 @@ pub struct Shared {
     /// (into `handed`) instead of being closed.
     pub handover: Cell<bool>,
     pub handed: RefCell<Vec<crate::handover::Conn>>,
+    /// Woken when a connection joins `handed`.
+    pub handed_ready: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -558,7 +560,10 @@ fn close_due(last_active: Instant, idle_after: Option<Duration>, close_by: Optio
 fn hand_over(stream: TcpStream, leftover: Vec<u8>, sh: &Shared, replies: &Option<Rc<Replies>>) {
     end(replies);
     match stream.into_std() {
-        Ok(s) => sh.handed.borrow_mut().push(crate::handover::Conn { fd: s.into(), leftover }),
+        Ok(s) => {
+            sh.handed.borrow_mut().push(crate::handover::Conn { fd: s.into(), leftover });
+            sh.handed_ready.notify_one();
+        }
         Err(e) => log::warn!("cannot hand a connection over: {e}; closing it"),
     }
 }

@@ -32,6 +32,8 @@ pub enum Command {
     /// connections and the registration over (see [`crate::handover`]).
     Stop { restart: bool },
     Reload,
+    /// Re-exec the binary at the daemon's path in the same PID.
+    Upgrade,
 }
 
 /// Unknown fields are ignored, so that newer clients can add options.
@@ -182,9 +184,10 @@ pub fn parse_request(line: &[u8]) -> Result<Command, String> {
         "status" => Ok(Command::Status),
         "stop" => Ok(Command::Stop { restart: req.restart }),
         "reload" => Ok(Command::Reload),
+        "upgrade" => Ok(Command::Upgrade),
         other => {
             let shown: String = other.chars().take(40).collect();
-            Err(format!("unknown command \"{shown}\" (expected status, stop or reload)"))
+            Err(format!("unknown command \"{shown}\" (expected status, stop, reload or upgrade)"))
         }
     }
 }

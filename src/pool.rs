@@ -350,6 +350,29 @@ impl Pool {
         Ok((pid, master_end))
     }
 
+    /// Takes over a worker started by the previous image of this process
+    /// (an upgrade in place): it is our child already, and serving.
+    pub fn adopt(&mut self, pid: i32, generation: u64, slot: usize, spawned: Instant) {
+        let now = Instant::now();
+        self.workers.insert(
+            pid,
+            Worker {
+                pid,
+                generation,
+                slot,
+                state: WState::Serving,
+                spawned,
+                last_seen: now,
+                requests: 0,
+                connections: 0,
+                handlers: BTreeMap::new(),
+                reaped_handlers: Vec::new(),
+                channel_closed: false,
+                child: Child::new(Target::Process(pid)),
+            },
+        );
+    }
+
     /// Step 1: SIGTERM every worker `select`ed, SIGKILL after `grace`.
     /// Returns their PIDs.
     pub fn retire(&mut self, grace: Duration, select: impl FnMut(&Worker) -> bool) -> Vec<i32> {

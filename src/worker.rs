@@ -199,6 +199,7 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
         next_conn: Cell::new(0),
         handover: Cell::new(false),
         handed: RefCell::new(Vec::new()),
+        handed_ready: tokio::sync::Notify::new(),
     });
 
     release_startup_text();
@@ -270,6 +271,7 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
     }
     let deadline = Instant::now() + Duration::from_secs(cfg.server.graceful_timeout_secs);
     let mut flushing: Option<Instant> = None;
+    let mut handed = 0usize;
     loop {
         let notified = shared.all_closed.notified();
         if shared.connections.get() == 0 {
@@ -300,20 +302,12 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
                     return 1;
                 }
             }
+            _ = shared.handed_ready.notified() => handed += hand_to_master(&shared, &report).await,
         }
     }
-    // What goes to the next instance: each connection with its bytes.
-    let handed = std::mem::take(&mut *shared.handed.borrow_mut());
-    if !handed.is_empty() {
-        let n = handed.len();
-        for c in handed {
-            let line = crate::handover::conn_line(&c.leftover);
-            if let Err(e) = crate::handover::send_with_fd(report.wr.as_ref(), line.as_bytes(), Some(c.fd.as_raw_fd())).await {
-                log::error!("cannot hand connections to the master: {e}");
-                break;
-            }
-        }
-        log::info!("handed {n} connection(s) to the master");
+    handed += hand_to_master(&shared, &report).await;
+    if handover {
+        log::info!("handed {handed} connection(s) to the master");
     }
     let requests = shared.requests.get();
     if !handlers.is_empty() {
@@ -325,6 +319,21 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
     let _ = report.line(&msg).await;
     log::info!("drained after {requests} request(s); exiting");
     0
+}
+
+/// Passes the connections handed over so far to the master, each with the
+/// bytes of its next frame (for the next instance, or the next generation).
+async fn hand_to_master(shared: &Shared, report: &Report) -> usize {
+    let conns = std::mem::take(&mut *shared.handed.borrow_mut());
+    let n = conns.len();
+    for c in conns {
+        let line = crate::handover::conn_line(&c.leftover);
+        if let Err(e) = crate::handover::send_with_fd(report.wr.as_ref(), line.as_bytes(), Some(c.fd.as_raw_fd())).await {
+            log::error!("cannot hand connections to the master: {e}");
+            return 0;
+        }
+    }
+    n
 }
 
 /// Serves the connections the master passed (handed over by the previous

@@ -715,7 +715,12 @@ fn reload_to_a_new_port_serves_there_and_closes_the_old() {
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(ping(old_port, &json!("back"))["result"], "back");
     refused(&mut d, new_port);
-    assert_eq!(std::fs::read_dir(format!("/proc/{}/fd", d.pid)).unwrap().count(), fds, "no listener leaked");
+    // (A descriptor of the first reload's last moments, such as a retired
+    // worker's channel, may still have been open when `fds` was counted.)
+    let pid = d.pid;
+    wait_for("no listener leaked (no more descriptors than before)", Duration::from_secs(5), || {
+        (std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() <= fds).then_some(())
+    });
 }
 
 #[test]

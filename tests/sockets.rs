@@ -12,7 +12,7 @@ use std::io::{ErrorKind, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn local_tcp(fd: &OwnedFd) -> Option<std::net::SocketAddr> {
@@ -81,55 +81,6 @@ fn passed_descriptors_that_do_not_match_are_closed_and_removed_from_the_store() 
     assert!(d.stored.iter().any(|(n, fd)| n == "listen" && local_tcp(fd).map(|a| a.port()) == Some(d.port)));
 }
 
-/// Clients opening a fresh connection for each ping, every 2 ms, while
-/// `restart` runs: (ok, refused, other failures, worst latency).
-fn connects_during(port: u16, restart: impl FnOnce()) -> (u64, u64, Vec<String>, Duration) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Mutex::new((0u64, 0u64, Vec::<String>::new(), Duration::ZERO)));
-    let mut threads = Vec::new();
-    for t in 0..2 {
-        let (stop, tally) = (stop.clone(), tally.clone());
-        threads.push(std::thread::spawn(move || {
-            let end = Instant::now() + Duration::from_secs(30);
-            let mut i = 0u64;
-            while !stop.load(Ordering::SeqCst) && Instant::now() < end {
-                i += 1;
-                let t0 = Instant::now();
-                let r = (|| -> Result<(), (bool, String)> {
-                    let mut c = TcpStream::connect(("127.0.0.1", port)).map_err(|e| (e.kind() == ErrorKind::ConnectionRefused, format!("connect: {e}")))?;
-                    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                    let p = json!([t, i]);
-                    c.write_all(&frame(json!({"in": "ping", "params": p}).to_string().as_bytes())).map_err(|e| (false, format!("write: {e}")))?;
-                    match read_frame(&mut c) {
-                        Some(v) if v["result"] == p => Ok(()),
-                        Some(v) => Err((false, format!("reply {v}"))),
-                        None => Err((false, "closed before the reply".into())),
-                    }
-                })();
-                let took = t0.elapsed();
-                let mut g = tally.lock().unwrap();
-                g.3 = g.3.max(took);
-                match r {
-                    Ok(()) => g.0 += 1,
-                    Err((true, _)) => g.1 += 1,
-                    Err((false, e)) => g.2.push(e),
-                }
-                drop(g);
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }));
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    restart();
-    std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, Ordering::SeqCst);
-    for t in threads {
-        t.join().unwrap();
-    }
-    let g = tally.lock().unwrap();
-    (g.0, g.1, g.2.clone(), g.3)
-}
-
 #[test]
 fn a_restart_through_the_fd_store_refuses_no_connect() {
     let gap = Duration::from_millis(300);
@@ -171,68 +122,6 @@ fn a_restart_through_the_fd_store_refuses_no_connect() {
     assert_eq!(c.unwrap().status()["listener"], "bound");
     eprintln!("restart without the store: {ok} ok, {refused} refused, {} failed", failed.len());
     assert!(refused > 0, "the client must see refusals when nothing holds the listener");
-}
-
-/// Persistent clients: each keeps one connection and sends numbered pings
-/// one after another until told to stop, never reconnecting. Per client:
-/// (pings answered, worst latency, the first failure).
-struct Persistent {
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<(u64, Duration, Option<String>)>>,
-    answered: Arc<Vec<std::sync::atomic::AtomicU64>>,
-}
-
-impl Persistent {
-    fn start(port: u16, n: usize) -> Persistent {
-        let stop = Arc::new(AtomicBool::new(false));
-        let answered: Arc<Vec<std::sync::atomic::AtomicU64>> = Arc::new((0..n).map(|_| Default::default()).collect());
-        let threads = (0..n)
-            .map(|t| {
-                let (stop, answered) = (stop.clone(), answered.clone());
-                std::thread::spawn(move || {
-                    let mut c = connect(port);
-                    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                    let local = c.local_addr().unwrap();
-                    let end = Instant::now() + Duration::from_secs(60);
-                    let (mut ok, mut worst) = (0u64, Duration::ZERO);
-                    while !stop.load(Ordering::SeqCst) && Instant::now() < end {
-                        let p = json!([t, ok]);
-                        let t0 = Instant::now();
-                        if let Err(e) = c.write_all(&frame(json!({"in": "ping", "params": p}).to_string().as_bytes())) {
-                            return (ok, worst, Some(format!("ping {ok} from {local}: write: {e}")));
-                        }
-                        match read_frame(&mut c) {
-                            Some(v) if v["result"] == p => {}
-                            Some(v) => return (ok, worst, Some(format!("ping {ok} from {local}: reply {v}"))),
-                            None => return (ok, worst, Some(format!("ping {ok} from {local}: closed before the reply"))),
-                        }
-                        worst = worst.max(t0.elapsed());
-                        ok += 1;
-                        answered[t].store(ok, Ordering::SeqCst);
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    (ok, worst, None)
-                })
-            })
-            .collect();
-        Persistent { stop, threads, answered }
-    }
-
-    fn counts(&self) -> Vec<u64> {
-        self.answered.iter().map(|a| a.load(Ordering::SeqCst)).collect()
-    }
-
-    /// Waits until every client has had `more` pings answered beyond `from`.
-    fn wait_progress(&self, from: &[u64], more: u64) {
-        wait_for("every persistent client to make progress", Duration::from_secs(20), || {
-            self.counts().iter().zip(from).all(|(now, before)| *now >= before + more).then_some(())
-        });
-    }
-
-    fn finish(self) -> Vec<(u64, Duration, Option<String>)> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.threads.into_iter().map(|t| t.join().unwrap()).collect()
-    }
 }
 
 /// A stop for a restart (`rpcctl stop --restart`; under systemd, SIGTERM

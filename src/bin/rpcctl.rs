@@ -48,6 +48,15 @@ enum Cmd {
         #[arg(long, default_value_t = 300, value_name = "SECS")]
         timeout: u64,
     },
+    /// Upgrade in place: the daemon re-executes the binary at its path (after a
+    /// package upgrade, the new one) in the same PID, keeping its sockets and
+    /// connections; returns once the new binary's workers serve (exit 1, with
+    /// the reason, if the new binary cannot take over: the old one serves on).
+    Upgrade {
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 300, value_name = "SECS")]
+        timeout: u64,
+    },
     /// Call METHOD on a server found in ZooKeeper (--zk) or at a fixed address (--addr).
     Call {
         /// Method name, e.g. ping or pi.
@@ -198,6 +207,57 @@ fn control_request(args: &Args, req: Value, timeout: Duration) -> (Client, Value
     (c, v)
 }
 
+/// `rpcctl upgrade`: asks for the exec, then follows `status` until the
+/// new image has its own workers serving, or says why not.
+fn upgrade(args: &Args, timeout: Duration) {
+    let (mut c, v) = control(args, "upgrade", Duration::from_secs(30));
+    let pid = v["pid"].as_i64().unwrap_or(0);
+    if v["unchanged"] == Value::Bool(true) {
+        println!("rpcd (pid {pid}) already runs {}: nothing to upgrade", v["exe"].as_str().unwrap_or("?"));
+        return;
+    }
+    let before = v["upgrades"].as_u64().unwrap_or(0);
+    let from = v["from_version"].as_str().unwrap_or("?").to_string();
+    // The exec closes this connection; the control socket stays and the
+    // new image answers on it.
+    c.wait_closed(Duration::from_secs(10));
+    let path = socket_path(args);
+    let end = std::time::Instant::now() + timeout;
+    let mut last = String::new();
+    while std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+        let Ok(mut c) = Client::connect(&path) else { continue };
+        let Ok(st) = c.call("status", Duration::from_secs(10)) else { continue };
+        if st["pid"].as_i64() != Some(pid) {
+            die(ClientError::Other(format!("rpcd now runs as pid {} instead of {pid}: the upgrade ended the process (the service manager restarted it)", st["pid"])));
+        }
+        let u = &st["upgrade"];
+        let count = u["count"].as_u64().unwrap_or(0);
+        let state = u["state"].as_str().unwrap_or("");
+        if state == "failed" {
+            eprintln!("rpcctl: upgrade failed: {}", u["error"].as_str().unwrap_or("unknown error"));
+            if count == before {
+                eprintln!("rpcctl: rpcd (pid {pid}) serves on with the previous binary");
+            }
+            exit(1);
+        }
+        if count > before && state == "done" {
+            let workers: Vec<String> = st["workers"].as_array().into_iter().flatten().map(|w| w["pid"].to_string()).collect();
+            println!(
+                "upgraded rpcd (pid {pid}) in place: {} {} (was {from}); generation {}, workers: {}",
+                st["exe"].as_str().unwrap_or("?"),
+                st["version"].as_str().unwrap_or("?"),
+                st["generation"],
+                workers.join(" ")
+            );
+            return;
+        }
+        last = format!("{state} ({} worker(s))", st["workers"].as_array().map(Vec::len).unwrap_or(0));
+    }
+    eprintln!("rpcctl: the upgrade did not finish within {timeout:?}; last state: {last}");
+    exit(1);
+}
+
 fn main() {
     // A closed stdout (`rpcctl ... | head -1`) ends rpcctl quietly, as it
     // does other command-line tools, instead of a panic on the next print.
@@ -249,6 +309,7 @@ fn main() {
                 }
             }
         }
+        Cmd::Upgrade { timeout } => upgrade(&args, Duration::from_secs(*timeout)),
         Cmd::Reload { timeout } => {
             let (_, v) = control(&args, "reload", Duration::from_secs(*timeout));
             let list = |k: &str| v[k].as_array().map(|a| a.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" ")).unwrap_or_default();

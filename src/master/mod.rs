@@ -7,6 +7,7 @@
 
 mod reload;
 mod stop;
+mod upgrade;
 
 use reload::ReloadOp;
 use stop::StopOp;
@@ -21,6 +22,7 @@ use crate::registry::{self, ZkState};
 use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -112,12 +114,23 @@ pub struct Master {
     last_status: String,
     exit_code: Option<i32>,
     /// The master's end of each worker's channel, for passing connections.
-    chans: HashMap<i32, Arc<tokio::net::UnixStream>>,
+    /// (Connections queued to one worker go out in order, one at a time.)
+    chans: HashMap<i32, (Arc<tokio::net::UnixStream>, mpsc::UnboundedSender<handover::Conn>)>,
+    /// Round robin over the workers that take handed-over connections.
+    next_taker: usize,
     /// Connections the previous instance handed over, until the first
     /// generation is ready to take them: (store name, connection).
     adopted: Vec<(String, handover::Conn)>,
     /// The node last written to the store's registration memfd.
     stored_node: Option<String>,
+    /// The binary's path (what an upgrade execs), and argv[0].
+    exe: PathBuf,
+    arg0: std::ffi::OsString,
+    /// The control listener's descriptor (for an upgrade).
+    ctl_fd: std::os::fd::RawFd,
+    upgrade: upgrade::UpgradeInfo,
+    /// An upgrade's exec, due once its reply is written.
+    exec_pending: Option<oneshot::Receiver<()>>,
 }
 
 /// Binds the TCP listener: SO_REUSEADDR, a real backlog.
@@ -142,9 +155,28 @@ pub fn run(config_path: PathBuf, cfg: Config, in_process: InProcess) -> i32 {
         }
     };
     rt.block_on(async move {
-        match Master::start(config_path, cfg, in_process).await {
-            Ok((m, rx, ctl_rx, zk_rx)) => m.run(rx, ctl_rx, zk_rx).await,
+        let upgraded = match upgrade::take_state() {
+            None => None,
+            Some(Ok(st)) => Some(st),
+            Some(Err(e)) => {
+                // Its descriptors are unknown: exit, and let the service
+                // manager start us again (with the fd store).
+                log::error!("upgrade: {e}");
+                return 1;
+            }
+        };
+        match Master::start(config_path.clone(), cfg, in_process, upgraded.as_ref()).await {
+            Ok((mut m, rx, ctl_rx, zk_rx)) => {
+                if let Some(st) = &upgraded {
+                    m.adopt_upgrade(st);
+                }
+                m.run(rx, ctl_rx, zk_rx).await
+            }
             Err(e) => {
+                if let Some(st) = upgraded {
+                    let err = upgrade::fall_back(st, &e, &config_path);
+                    log::error!("upgrade: cannot go back to the previous binary either: {err}");
+                }
                 log::error!("{e}");
                 eprintln!("rpcd: {e}");
                 1
@@ -161,17 +193,28 @@ type Started = (
 );
 
 impl Master {
-    async fn start(config_path: PathBuf, cfg: Config, in_process: InProcess) -> Result<Started, String> {
+    async fn start(config_path: PathBuf, cfg: Config, in_process: InProcess, upgraded: Option<&upgrade::State>) -> Result<Started, String> {
         // Sockets passed by the service manager (its fd store, or a .socket
         // unit) are adopted where they match the config; the rest is closed.
-        let mut passed = Passed::from_env();
-        let (ctl_listener, ctl_origin) = match passed.take_control(&cfg.control.socket) {
-            Some((l, origin)) => (control::adopt(l, &cfg.control)?, origin),
-            None => (control::bind(&cfg.control)?, Origin::Bound),
+        // An upgrade's new image has them from the previous image.
+        let mut passed = if upgraded.is_some() { Passed::default() } else { Passed::from_env() };
+        let (ctl_listener, ctl_origin) = match (upgraded, passed.take_control(&cfg.control.socket)) {
+            (Some(st), _) => {
+                // SAFETY: the previous image passed this descriptor for us.
+                let l = unsafe { std::os::unix::net::UnixListener::from_raw_fd(st.control_fd) };
+                (control::adopt(l, &cfg.control)?, Origin::Store)
+            }
+            (None, Some((l, origin))) => (control::adopt(l, &cfg.control)?, origin),
+            (None, None) => (control::bind(&cfg.control)?, Origin::Bound),
         };
+        let ctl_fd = std::os::fd::AsRawFd::as_raw_fd(&ctl_listener);
         let bound = (|| {
             let addr = cfg.listen_addr();
-            let (listener, origin) = match passed.take_listener(addr) {
+            let taken = match upgraded {
+                Some(st) => Some(upgrade::listener_of(st)),
+                None => passed.take_listener(addr),
+            };
+            let (listener, origin) = match taken {
                 Some((l, origin)) => {
                     // The backlog of this config (listen() again updates it).
                     let _ = socket2::SockRef::from(&l).listen(cfg.server.backlog.min(i32::MAX as u32) as i32);
@@ -185,7 +228,10 @@ impl Master {
             }
             Ok::<_, String>((listener, addr, origin))
         })();
-        let (adopted, previous_node) = take_handover(&mut passed, &cfg);
+        let (adopted, mut previous_node) = take_handover(&mut passed, &cfg);
+        if let Some(st) = upgraded.filter(|st| st.zk_hosts == cfg.zookeeper.hosts) {
+            previous_node = st.zk_node.clone();
+        }
         passed.discard();
         let (listener, addr, origin) = match bound {
             Ok(b) => b,
@@ -199,10 +245,10 @@ impl Master {
         };
         // Into the store at once, so that a restart (or a crash restart)
         // finds them there: connects wait in the backlog meanwhile.
-        if origin == Origin::Bound {
+        if origin == Origin::Bound && upgraded.is_none() {
             sockets::store(sockets::LISTEN_NAME, &listener);
         }
-        if ctl_origin == Origin::Bound {
+        if ctl_origin == Origin::Bound && upgraded.is_none() {
             sockets::store(sockets::CONTROL_NAME, &ctl_listener);
         }
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
@@ -252,8 +298,14 @@ impl Master {
             last_status: String::new(),
             exit_code: None,
             chans: HashMap::new(),
+            next_taker: 0,
             adopted,
             stored_node: previous_node,
+            exe: upgrade::own_path(),
+            arg0: std::env::args_os().next().unwrap_or_else(|| "rpcd".into()),
+            ctl_fd,
+            upgrade: Default::default(),
+            exec_pending: None,
         };
         Ok((m, ev_rx, ctl_rx, zk_rx))
     }
@@ -291,6 +343,9 @@ impl Master {
                 _ = tick.tick() => self.on_tick(),
             }
             self.advance();
+            if let Some(written) = self.exec_pending.take() {
+                self.do_upgrade(written).await;
+            }
         }
         self.finish_stop().await
     }
@@ -476,6 +531,10 @@ impl Master {
                 log::info!("reload requested on the control socket");
                 self.request_reload(Some(req.reply));
             }
+            Ctl::Upgrade => {
+                log::info!("upgrade requested on the control socket");
+                self.request_upgrade(req.reply);
+            }
         }
     }
 
@@ -552,45 +611,49 @@ impl Master {
         if self.adopted.is_empty() {
             return;
         }
-        let targets: Vec<(i32, Arc<tokio::net::UnixStream>)> = self
-            .pool
-            .workers
-            .values()
-            .filter(|w| w.generation == self.cur.id && w.state == WState::Serving)
-            .filter_map(|w| Some((w.pid, self.chans.get(&w.pid)?.clone())))
-            .collect();
-        if targets.is_empty() {
-            return;
-        }
-        let mut batches: Vec<Vec<handover::Conn>> = targets.iter().map(|_| Vec::new()).collect();
         let n = self.adopted.len();
-        for (i, (name, conn)) in std::mem::take(&mut self.adopted).into_iter().enumerate() {
+        log::info!("passing {n} handed-over connection(s) to the workers");
+        for (name, conn) in std::mem::take(&mut self.adopted) {
             notify::remove_stored(&name);
-            batches[i % targets.len()].push(conn);
-        }
-        log::info!("passing {n} handed-over connection(s) to {} worker(s)", targets.len());
-        for ((pid, chan), batch) in targets.into_iter().zip(batches) {
-            tokio::spawn(async move {
-                for c in batch {
-                    let line = handover::conn_line(&c.leftover);
-                    if let Err(e) = handover::send_with_fd(&chan, line.as_bytes(), Some(std::os::fd::AsRawFd::as_raw_fd(&c.fd))).await {
-                        log::warn!("cannot pass connections to worker {pid}: {e}");
-                        break;
-                    }
-                }
-            });
+            self.pass_to_worker(conn);
         }
     }
 
-    /// A worker handed a connection over for a restart: into the store.
+    /// Queues a connection to the next serving worker of the current
+    /// generation. False (and the connection closed) if there is none.
+    fn pass_to_worker(&mut self, conn: handover::Conn) -> bool {
+        let takers: Vec<i32> = self
+            .pool
+            .workers
+            .values()
+            .filter(|w| w.generation == self.cur.id && w.state == WState::Serving && self.chans.contains_key(&w.pid))
+            .map(|w| w.pid)
+            .collect();
+        if takers.is_empty() {
+            return false;
+        }
+        self.next_taker = self.next_taker.wrapping_add(1);
+        let pid = takers[self.next_taker % takers.len()];
+        self.chans[&pid].1.send(conn).is_ok()
+    }
+
+    /// A worker handed a connection over: for a restart, into the store;
+    /// for a reload (or an upgrade) that keeps the listener, to a worker of
+    /// the new generation.
     fn handed_over(&mut self, c: handover::Conn) {
-        let Some(stop) = self.stop.as_mut().filter(|s| s.restart) else {
-            log::warn!("a worker handed over a connection outside a restart; closing it");
+        if let Some(stop) = self.stop.as_mut() {
+            if stop.restart {
+                let name = format!("{}{}", handover::CONN_PREFIX, stop.handed.len() + 1);
+                sockets::store(&name, &c.fd);
+                stop.handed.push((name, c.leftover));
+            } else {
+                log::warn!("a worker handed over a connection during a stop; closing it");
+            }
             return;
-        };
-        let name = format!("{}{}", handover::CONN_PREFIX, stop.handed.len() + 1);
-        sockets::store(&name, &c.fd);
-        stop.handed.push((name, c.leftover));
+        }
+        if !self.pass_to_worker(c) {
+            log::warn!("no worker to take a handed-over connection; closing it");
+        }
     }
 
     // ---- state machine ----
@@ -652,7 +715,18 @@ impl Master {
         }
         let Ok(chan) = tokio::net::UnixStream::from_std(chan) else { return };
         let chan = Arc::new(chan);
-        self.chans.insert(pid, chan.clone());
+        let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<handover::Conn>();
+        self.chans.insert(pid, (chan.clone(), conn_tx));
+        let out = chan.clone();
+        tokio::spawn(async move {
+            while let Some(c) = conn_rx.recv().await {
+                let line = handover::conn_line(&c.leftover);
+                if let Err(e) = handover::send_with_fd(&out, line.as_bytes(), Some(std::os::fd::AsRawFd::as_raw_fd(&c.fd))).await {
+                    log::warn!("cannot pass a connection to worker {pid}: {e}");
+                    break;
+                }
+            }
+        });
         tokio::spawn(async move {
             let mut reader = handover::Reader::default();
             'read: while let Ok(true) = reader.fill(&chan).await {
@@ -803,6 +877,8 @@ impl Master {
             "generation": self.cur.id,
             "listen": self.cur.addr.to_string(),
             "listener": self.cur.origin.as_str(),
+            "exe": self.exe,
+            "upgrade": self.upgrade.json(),
             "zookeeper": {"state": self.zk_status.state, "node": self.zk_status.node},
             "workers": workers,
             "backoff": backoff,

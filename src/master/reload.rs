@@ -41,15 +41,17 @@ impl Master {
             q.extend(responder);
             return;
         }
-        self.start_reload(responder.into_iter().collect());
+        let _ = self.start_reload(responder.into_iter().collect());
     }
 
-    pub(super) fn start_reload(&mut self, responders: Vec<Responder>) {
+    /// Starts a reload; Err(why) if it was refused at once.
+    pub(super) fn start_reload(&mut self, responders: Vec<Responder>) -> Result<(), String> {
         let fail = |responders: Vec<Responder>, msg: String| {
             log::error!("reload failed: {msg}; still serving the running configuration");
             for r in responders {
                 let _ = r.send(Reply { value: json!({"ok": false, "error": msg}), written: None });
             }
+            Err(msg)
         };
         let cfg = match Config::load_for(&self.config_path, &self.in_process) {
             Ok(c) => c,
@@ -115,6 +117,7 @@ impl Master {
             new_generation: id,
             failed: None,
         });
+        Ok(())
     }
 
     pub(super) fn advance_reload(&mut self) {
@@ -126,14 +129,18 @@ impl Master {
                 let next = op.next.take().unwrap();
                 let old = std::mem::replace(&mut self.cur, next);
                 let new_id = self.cur.id;
+                // Same listener: the old workers hand their idle connections
+                // to the new ones (SIGUSR2); a new address: they drain.
+                let mut first = nix::sys::signal::Signal::SIGUSR2;
                 if let (Some(a), Some(b)) = (&old.listener, &self.cur.listener) {
                     if !Rc::ptr_eq(a, b) {
+                        first = nix::sys::signal::Signal::SIGTERM;
                         // A new address: the store keeps this listener now.
                         notify::remove_stored(sockets::LISTEN_NAME);
                         sockets::store(sockets::LISTEN_NAME, &**b);
                     }
                 }
-                op.old_pids = self.pool.retire(old.cfg.worker_grace(), |w| w.generation != new_id);
+                op.old_pids = self.pool.retire_with(first, old.cfg.worker_grace(), |w| w.generation != new_id);
                 let _ = self.acl.send(Acl::from_config(&self.cur.cfg.control));
                 if let Err(e) = control::apply_mode(&self.cur.cfg.control) {
                     op.warnings.push(e);
@@ -153,12 +160,21 @@ impl Master {
         }
         let op = self.reload.take().unwrap();
         if let Some(msg) = op.failed {
+            if self.upgrade.reloading {
+                self.upgrade.reloading = false;
+                self.upgrade.error = Some(format!("the new binary's workers did not start: {msg}"));
+            }
             for r in op.responders {
                 let _ = r.send(Reply { value: json!({"ok": false, "error": msg}), written: None });
             }
             notify::ready(&self.status_line());
             self.start_queued_reload();
             return;
+        }
+        if self.upgrade.reloading {
+            self.upgrade.reloading = false;
+            self.upgrade.error = None;
+            log::info!("upgrade complete: {} {}", self.exe.display(), env!("CARGO_PKG_VERSION"));
         }
         let new_pids: Vec<i32> = self.pool.workers.values().filter(|w| w.generation == self.cur.id).map(|w| w.pid).collect();
         log::info!("reload complete: generation {}, workers {new_pids:?}, retired {:?}", self.cur.id, op.old_pids);
@@ -198,7 +214,7 @@ impl Master {
 
     pub(super) fn start_queued_reload(&mut self) {
         if let Some(q) = self.queued_reload.take() {
-            self.start_reload(q);
+            let _ = self.start_reload(q);
         }
     }
 }
