@@ -682,13 +682,23 @@ fn check_deb(deb: &Path, scratch: &Path) {
     run("dpkg-deb -e", Command::new("dpkg-deb").arg("-e").arg(deb).arg(&ctl));
     assert_eq!(std::fs::read_to_string(ctl.join("conffiles")).unwrap().trim(), "/etc/rpcd.toml");
     let postinst = std::fs::read_to_string(ctl.join("postinst")).unwrap();
-    for s in ["systemd-sysusers", "deb-systemd-helper enable rpcd.service", "deb-systemd-invoke $_dh_action rpcd.service"] {
+    // Start on installation; on an upgrade, rpcctl upgrade in place, else
+    // a restart (packaging/debian/postinst after the generated snippets).
+    for s in [
+        "systemd-sysusers",
+        "deb-systemd-helper enable rpcd.service",
+        "deb-systemd-invoke start rpcd.service",
+        "rpcctl --config /etc/rpcd.toml upgrade",
+        "deb-systemd-invoke restart rpcd.service",
+    ] {
         assert!(postinst.contains(s), "postinst lacks {s:?}:\n{postinst}");
     }
-    // Users before units: the service must find its user when it starts.
+    // Users before units: the service must find its user when it starts;
+    // the unit reloaded and started before the upgrade is tried.
     assert!(postinst.find("systemd-sysusers") < postinst.find("deb-systemd-invoke"), "{postinst}");
+    assert!(postinst.find("deb-systemd-invoke start") < postinst.find("rpcctl --config"), "{postinst}");
     let prerm = std::fs::read_to_string(ctl.join("prerm")).unwrap();
-    assert!(prerm.contains("deb-systemd-invoke stop rpcd.service"), "{prerm}");
+    assert!(prerm.contains("deb-systemd-invoke stop rpcd.service") && prerm.contains("\"$1\" = remove"), "stops only on removal: {prerm}");
     let postrm = std::fs::read_to_string(ctl.join("postrm")).unwrap();
     assert!(postrm.contains("deb-systemd-helper purge rpcd.service"), "{postrm}");
 }
