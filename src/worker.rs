@@ -87,7 +87,10 @@ pub fn run(methods: Methods) -> ! {
     crate::logging::init(&setup.config.log, role);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let local = tokio::task::LocalSet::new();
-    let code = local.block_on(&rt, serve(setup, chan, methods));
+    // The worker's loop is a task of its own rather than the root future:
+    // the LocalSet polls its root future on every wakeup of any task (each
+    // request), and the loop's select! would then run each time.
+    let code = local.block_on(&rt, async move { tokio::task::spawn_local(serve(setup, chan, methods)).await.unwrap_or(1) });
     std::process::exit(code)
 }
 
