@@ -25,7 +25,7 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 use std::collections::VecDeque;
 use std::io::{IoSlice, IoSliceMut, Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 
@@ -186,36 +186,18 @@ pub fn restart_pending(limit: Duration) -> bool {
         return false;
     }
     let Some(unit) = own_unit() else { return false };
-    let child = std::process::Command::new("systemctl")
-        .args(["list-jobs", "--no-legend", "--no-pager", "--plain", "--", &unit])
-        .env("SYSTEMD_COLORS", "0")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
+    let mut cmd = std::process::Command::new("systemctl");
+    cmd.args(["list-jobs", "--no-legend", "--no-pager", "--plain", "--", &unit]).env("SYSTEMD_COLORS", "0");
+    let out = match crate::pool::output_within(&mut cmd, limit) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            log::warn!("systemd did not say within {} ms whether this is a restart; stopping", limit.as_millis());
+            return false;
+        }
         Err(e) => {
             log::warn!("cannot ask systemd whether this is a restart: {e}; stopping");
             return false;
         }
-    };
-    let until = Instant::now() + limit;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(2)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                log::warn!("systemd did not say within {} ms whether this is a restart; stopping", limit.as_millis());
-                return false;
-            }
-        }
-    }
-    let out = match child.wait_with_output() {
-        Ok(o) => o,
-        Err(_) => return false,
     };
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {

@@ -208,6 +208,26 @@ pub struct Worker {
     pub child: Child,
 }
 
+impl Worker {
+    /// A worker just spawned (or adopted) as `pid`, last heard of now.
+    fn new(pid: i32, generation: u64, slot: usize, state: WState, spawned: Instant) -> Worker {
+        Worker {
+            pid,
+            generation,
+            slot,
+            state,
+            spawned,
+            last_seen: Instant::now(),
+            requests: 0,
+            connections: 0,
+            handlers: BTreeMap::new(),
+            reaped_handlers: Vec::new(),
+            channel_closed: false,
+            child: Child::new(Target::Process(pid)),
+        }
+    }
+}
+
 /// How a worker ended, as reported by `stop` and `reload`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Reaped {
@@ -262,6 +282,26 @@ pub fn reap() -> Vec<Reaped> {
         }
     }
     out
+}
+
+/// Runs a short-lived helper command from the master's loop, blocking for
+/// at most `limit`: its output, or None if it did not finish in time (it is
+/// then killed and reaped). It waits for the child itself, so the pool's
+/// `waitpid(-1)` (which runs only in the loop) never takes its status.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> std::io::Result<Option<std::process::Output>> {
+    let mut child = cmd.stdin(Stdio::null()).spawn()?;
+    let until = Instant::now() + limit;
+    loop {
+        match child.try_wait()? {
+            Some(_) => return child.wait_with_output().map(Some),
+            None if Instant::now() < until => std::thread::sleep(Duration::from_millis(2)),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Ok(None);
+            }
+        }
+    }
 }
 
 /// Marks every descriptor from 3 up close-on-exec: what this process
@@ -329,48 +369,14 @@ impl Pool {
         let pid = child.id() as i32;
         // The setup is small: it fits in the socket buffer without blocking.
         master_end.write_all(&line)?;
-        let now = Instant::now();
-        self.workers.insert(
-            pid,
-            Worker {
-                pid,
-                generation,
-                slot,
-                state: WState::Starting,
-                spawned: now,
-                last_seen: now,
-                requests: 0,
-                connections: 0,
-                handlers: BTreeMap::new(),
-                reaped_handlers: Vec::new(),
-                channel_closed: false,
-                child: Child::new(Target::Process(pid)),
-            },
-        );
+        self.workers.insert(pid, Worker::new(pid, generation, slot, WState::Starting, Instant::now()));
         Ok((pid, master_end))
     }
 
     /// Takes over a worker started by the previous image of this process
     /// (an upgrade in place): it is our child already, and serving.
     pub fn adopt(&mut self, pid: i32, generation: u64, slot: usize, spawned: Instant) {
-        let now = Instant::now();
-        self.workers.insert(
-            pid,
-            Worker {
-                pid,
-                generation,
-                slot,
-                state: WState::Serving,
-                spawned,
-                last_seen: now,
-                requests: 0,
-                connections: 0,
-                handlers: BTreeMap::new(),
-                reaped_handlers: Vec::new(),
-                channel_closed: false,
-                child: Child::new(Target::Process(pid)),
-            },
-        );
+        self.workers.insert(pid, Worker::new(pid, generation, slot, WState::Serving, spawned));
     }
 
     /// Step 1: SIGTERM every worker `select`ed, SIGKILL after `grace`.

@@ -22,15 +22,14 @@ fn own_binary(dir: &Path) -> PathBuf {
 /// could be inherited by a fork of another test's thread and make the exec
 /// fail with ETXTBSY.)
 fn replace_binary(path: &Path, marker: &str) -> u64 {
-    let st = std::process::Command::new("/bin/sh")
-        .args(["-c", "cat \"$0\" >\"$1.new\" && printf '\\nupgrade marker %s\\n' \"$2\" >>\"$1.new\" && chmod 755 \"$1.new\" && mv \"$1.new\" \"$1\""])
-        .arg(RPCD)
-        .arg(path)
-        .arg(marker)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    sh("cat \"$0\" >\"$1.new\" && printf '\\nupgrade marker %s\\n' \"$2\" >>\"$1.new\" && chmod 755 \"$1.new\" && mv \"$1.new\" \"$1\"", &[Path::new(RPCD), path, Path::new(marker)]);
     std::fs::metadata(path).unwrap().ino()
+}
+
+/// Runs a shell script with arguments ($0, $1, ...); it must succeed.
+fn sh(script: &str, args: &[&Path]) {
+    let st = std::process::Command::new("/bin/sh").arg("-c").arg(script).args(args).status().unwrap();
+    assert!(st.success(), "{script}");
 }
 
 fn exe_inode(pid: i32) -> u64 {
@@ -97,13 +96,7 @@ fn an_upgrade_to_a_binary_that_fails_its_check_is_refused_and_changes_nothing() 
     let workers = d.wait_serving(1);
     let ino = exe_inode(d.pid);
     let broken = bin_dir.path().join("broken");
-    let st = std::process::Command::new("/bin/sh")
-        .args(["-c", "printf '#!/bin/sh\\necho not an rpcd >&2\\nexit 3\\n' >\"$0\" && chmod 755 \"$0\" && mv \"$0\" \"$1\""])
-        .arg(&broken)
-        .arg(&bin)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    sh("printf '#!/bin/sh\\necho not an rpcd >&2\\nexit 3\\n' >\"$0\" && chmod 755 \"$0\" && mv \"$0\" \"$1\"", &[&broken, &bin]);
     let out = d.ctl(&["upgrade"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("--check-config failed: not an rpcd"), "{}", text(&out.stderr));

@@ -65,6 +65,21 @@ pub(super) struct State {
     pub failed: Option<String>,
 }
 
+impl State {
+    /// Every descriptor the state names.
+    fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        [self.listen_fd, self.control_fd, self.old_exe_fd].into_iter().chain(self.workers.iter().map(|w| w.chan_fd))
+    }
+
+    /// Marks them close-on-exec (`true`), or inherited by the next exec.
+    fn set_cloexec(&self, on: bool) {
+        for fd in self.fds() {
+            // SAFETY: fcntl on descriptors this state hands over.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, if on { libc::FD_CLOEXEC } else { 0 }) };
+        }
+    }
+}
+
 /// What `status` says about upgrades.
 #[derive(Default, Clone)]
 pub(super) struct UpgradeInfo {
@@ -117,39 +132,17 @@ pub(super) fn take_state() -> Option<Result<State, String>> {
         Ok(s) => s,
         Err(e) => return Some(Err(format!("bad upgrade state: {e}"))),
     };
-    let mut fds = vec![st.listen_fd, st.control_fd, st.old_exe_fd];
-    fds.extend(st.workers.iter().map(|w| w.chan_fd));
-    for fd in fds {
-        // SAFETY: fcntl on descriptors handed to us.
-        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    }
+    st.set_cloexec(true);
     Some(Ok(st))
 }
 
 /// Runs the new binary's `--check-config` (blocking, bounded).
 fn preflight(exe: &PathBuf, config: &PathBuf) -> Result<(), String> {
-    let mut child = std::process::Command::new(exe)
-        .arg("--check-config")
-        .arg("--config")
-        .arg(config)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(5)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{} --check-config did not finish within 10 s", exe.display()));
-            }
-        }
-    }
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--check-config").arg("--config").arg(config).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    let out = crate::pool::output_within(&mut cmd, Duration::from_secs(10))
+        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?
+        .ok_or_else(|| format!("{} --check-config did not finish within 10 s", exe.display()))?;
     if out.status.success() {
         return Ok(());
     }
@@ -177,14 +170,13 @@ pub(super) fn exec(exe: &std::path::Path, args: &[OsString], state: &State) -> S
         Ok(t) => t,
         Err(e) => return e.to_string(),
     };
-    let fd = match nix::sys::memfd::memfd_create(c"rpcd-upgrade", nix::sys::memfd::MemFdCreateFlag::empty()) {
+    let f = match crate::handover::memfd("rpcd-upgrade", &text) {
         Ok(fd) => fd,
-        Err(e) => return format!("memfd_create: {e}"),
+        Err(e) => return format!("cannot write the upgrade state: {e}"),
     };
-    let mut f = std::fs::File::from(fd);
-    if let Err(e) = std::io::Write::write_all(&mut f, text.as_bytes()) {
-        return format!("cannot write the upgrade state: {e}");
-    }
+    // The new image reads it: it must survive the exec.
+    // SAFETY: fcntl on our own memfd.
+    unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, 0) };
     let path = match CString::new(exe.as_os_str().as_bytes()) {
         Ok(p) => p,
         Err(e) => return e.to_string(),
@@ -337,9 +329,7 @@ impl Master {
 
 /// Closes the inheritable duplicates made for an exec that failed.
 fn close_state(st: &State) {
-    let mut fds = vec![st.listen_fd, st.control_fd, st.old_exe_fd];
-    fds.extend(st.workers.iter().map(|w| w.chan_fd));
-    for fd in fds {
+    for fd in st.fds() {
         let _ = nix::unistd::close(fd);
     }
 }
@@ -364,10 +354,7 @@ pub(super) fn fall_back(st: State, why: &str, config: &std::path::Path) -> Strin
     // The old binary reopens its own path for the next upgrade.
     let args: Vec<OsString> = vec![st.exe.clone().into_os_string(), "--config".into(), config.as_os_str().to_owned()];
     // It must survive this exec once more.
-    for fd in [st.listen_fd, st.control_fd, st.old_exe_fd].into_iter().chain(st.workers.iter().map(|w| w.chan_fd)) {
-        // SAFETY: fcntl on descriptors we hold.
-        unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
-    }
+    st.set_cloexec(false);
     let st = State { failed: Some(why.to_string()), ..st };
     exec(&old, &args, &st)
 }
