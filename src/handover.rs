@@ -187,7 +187,10 @@ pub fn restart_pending(limit: Duration) -> bool {
     }
     let Some(unit) = own_unit() else { return false };
     let mut cmd = std::process::Command::new("systemctl");
-    cmd.args(["list-jobs", "--no-legend", "--no-pager", "--plain", "--", &unit]).env("SYSTEMD_COLORS", "0");
+    cmd.args(["list-jobs", "--no-legend", "--no-pager", "--plain", "--", &unit])
+        .env("SYSTEMD_COLORS", "0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     let out = match crate::pool::output_within(&mut cmd, limit) {
         Ok(Some(o)) => o,
         Ok(None) => {

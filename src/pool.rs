@@ -285,7 +285,7 @@ pub fn reap() -> Vec<Reaped> {
 }
 
 /// Runs a short-lived helper command from the master's loop, blocking for
-/// at most `limit`: its output, or None if it did not finish in time (it is
+/// at most `limit` (the caller pipes what it wants to read): its output, or None if it did not finish in time (it is
 /// then killed and reaped). It waits for the child itself, so the pool's
 /// `waitpid(-1)` (which runs only in the loop) never takes its status.
 pub fn output_within(cmd: &mut Command, limit: Duration) -> std::io::Result<Option<std::process::Output>> {
