@@ -75,9 +75,33 @@ pub struct Shared {
     pub handed: RefCell<Vec<crate::handover::Conn>>,
     /// Woken when a connection joins `handed`.
     pub handed_ready: tokio::sync::Notify,
+    /// This worker's place on the master's balance board, if it has one.
+    pub seat: Option<crate::balance::Seat>,
 }
 
 impl Shared {
+    /// A connection is about to be served (counted before its task runs,
+    /// so that a burst of accepts sees it). [`Acceptor::accept`] has
+    /// counted it on the board already; `adopted` ones are counted here.
+    ///
+    /// [`Acceptor::accept`]: crate::balance::Acceptor::accept
+    pub fn conn_opened(&self, adopted: bool) {
+        self.connections.set(self.connections.get() + 1);
+        if let Some(s) = self.seat.as_ref().filter(|_| adopted) {
+            s.board.opened(s.entry);
+        }
+    }
+
+    fn conn_closed(&self) {
+        self.connections.set(self.connections.get() - 1);
+        if let Some(s) = &self.seat {
+            s.board.closed(s.entry);
+        }
+        if self.connections.get() == 0 {
+            self.all_closed.notify_waiters();
+        }
+    }
+
     pub fn begin_drain(&self) {
         self.draining.set(true);
         let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
@@ -96,7 +120,8 @@ impl Drop for WakerSlot<'_> {
     }
 }
 
-/// Serves one accepted connection (or refuses it when over the limit).
+/// Serves one accepted connection (or refuses it when over the limit),
+/// counted with [`Shared::conn_opened`] already.
 pub async fn serve(stream: TcpStream, sh: Rc<Shared>) {
     serve_from(stream, sh, Vec::new()).await
 }
@@ -108,17 +133,13 @@ pub async fn serve_adopted(stream: TcpStream, sh: Rc<Shared>, leftover: Vec<u8>)
 }
 
 async fn serve_from(stream: TcpStream, sh: Rc<Shared>, leftover: Vec<u8>) {
-    sh.connections.set(sh.connections.get() + 1);
     let over = sh.connections.get() > sh.max_connections;
     if over {
         refuse(stream, &sh).await;
     } else {
         connection(stream, &sh, leftover).await;
     }
-    sh.connections.set(sh.connections.get() - 1);
-    if sh.connections.get() == 0 {
-        sh.all_closed.notify_waiters();
-    }
+    sh.conn_closed();
 }
 
 async fn refuse(mut stream: TcpStream, sh: &Shared) {

@@ -18,6 +18,7 @@
 //! - [`notify`] — sd_notify
 //! - [`logging`] — stderr / syslog logging
 
+pub mod balance;
 pub mod client;
 pub mod config;
 pub mod connection;
@@ -25,6 +26,7 @@ pub mod control;
 pub mod discovery;
 pub mod handlers;
 pub mod handover;
+pub mod limits;
 pub mod logging;
 pub mod master;
 pub mod methods;
@@ -66,6 +68,9 @@ struct Args {
 /// `rpcd::main(Methods::new())`). Workers are this same binary run with
 /// `--worker`, so they serve `methods` too. Never returns.
 pub fn main(methods: Methods) -> ! {
+    // Before any thread exists (it sets an environment variable).
+    limits::remember_original();
+    let nofile = limits::raise();
     let name = std::env::args_os()
         .next()
         .and_then(|a| PathBuf::from(a).file_name().map(|n| n.to_string_lossy().into_owned()))
@@ -89,9 +94,17 @@ pub fn main(methods: Methods) -> ! {
         for w in cfg.warnings() {
             eprintln!("{name}: warning: {w}");
         }
+        match &nofile {
+            Ok(n) => {
+                if let Some(w) = limits::check(&cfg, n.soft) {
+                    eprintln!("{name}: warning: {w}");
+                }
+            }
+            Err(e) => eprintln!("{name}: warning: cannot read or raise RLIMIT_NOFILE: {e}"),
+        }
         println!("{name}: configuration {} is valid", args.config.display());
         std::process::exit(0);
     }
     logging::init(&cfg.log, "");
-    std::process::exit(master::run(args.config, cfg, in_process));
+    std::process::exit(master::run(args.config, cfg, in_process, nofile.ok()));
 }

@@ -18,7 +18,8 @@
 //! differ only in which workers they retire.
 
 use crate::config::Config;
-use crate::worker::{WorkerSetup, CHANNEL_FD, LISTEN_FD, MASTER_PID_ENV};
+use crate::balance::Board;
+use crate::worker::{WorkerSetup, BOARD_FD, CHANNEL_FD, LISTEN_FD, MASTER_PID_ENV};
 use command_fds::{CommandFdExt, FdMapping};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
@@ -205,6 +206,9 @@ pub struct Worker {
     pub reaped_handlers: Vec<serde_json::Value>,
     /// Its channel has closed: everything it reported has been read.
     pub channel_closed: bool,
+    /// Its entry on the pool's balance board (none for a worker adopted
+    /// from a previous image, which has that image's board).
+    pub board_entry: Option<usize>,
     pub child: Child,
 }
 
@@ -222,6 +226,7 @@ impl Worker {
             connections: 0,
             handlers: BTreeMap::new(),
             reaped_handlers: Vec::new(),
+            board_entry: None,
             channel_closed: false,
             child: Child::new(Target::Process(pid)),
         }
@@ -333,6 +338,10 @@ pub fn signal(pid: i32, sig: Signal) {
 #[derive(Default)]
 pub struct Pool {
     pub workers: BTreeMap<i32, Worker>,
+    /// Shared with the workers: their open connections, for balancing
+    /// (`crate::balance`). Made at the first spawn; None if it cannot be.
+    board: Option<Board>,
+    board_failed: bool,
 }
 
 impl Pool {
@@ -347,7 +356,8 @@ impl Pool {
         strict: bool,
     ) -> std::io::Result<(i32, UnixStream)> {
         let (mut master_end, worker_end) = UnixStream::pair()?;
-        let setup = WorkerSetup { config: cfg.clone(), slot, generation, strict };
+        let board_entry = self.board_entry();
+        let setup = WorkerSetup { config: cfg.clone(), slot, generation, strict, board_entry };
         let mut line = serde_json::to_vec(&setup).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let listen_fd: OwnedFd = listener.try_clone()?.into();
@@ -359,18 +369,47 @@ impl Pool {
         for v in crate::notify::ENV_VARS {
             cmd.env_remove(v);
         }
-        cmd.fd_mappings(vec![
+        let mut fds = vec![
             FdMapping { parent_fd: listen_fd, child_fd: LISTEN_FD },
             FdMapping { parent_fd: worker_end.into(), child_fd: CHANNEL_FD },
-        ])
-        .map_err(std::io::Error::other)?;
+        ];
+        if let (Some(_), Some(b)) = (board_entry, &self.board) {
+            fds.push(FdMapping { parent_fd: b.fd().try_clone()?, child_fd: BOARD_FD });
+        }
+        cmd.fd_mappings(fds).map_err(std::io::Error::other)?;
         let child = cmd.spawn()?;
         drop(cmd); // closes our copies of the worker's fds
         let pid = child.id() as i32;
         // The setup is small: it fits in the socket buffer without blocking.
         master_end.write_all(&line)?;
-        self.workers.insert(pid, Worker::new(pid, generation, slot, WState::Starting, Instant::now()));
+        let mut w = Worker::new(pid, generation, slot, WState::Starting, Instant::now());
+        w.board_entry = board_entry;
+        self.workers.insert(pid, w);
         Ok((pid, master_end))
+    }
+
+    /// A free entry on the balance board, zeroed (the lowest no tracked
+    /// worker holds), making the board first if need be.
+    fn board_entry(&mut self) -> Option<usize> {
+        // RPCD_BALANCE=off: accept unbalanced (to compare, as the tests' negative control does).
+        if self.board.is_none() && !self.board_failed && std::env::var_os("RPCD_BALANCE").is_some_and(|v| v == "off") {
+            log::info!("RPCD_BALANCE=off: workers accept unbalanced");
+            self.board_failed = true;
+        }
+        if self.board.is_none() && !self.board_failed {
+            match Board::create() {
+                Ok(b) => self.board = Some(b),
+                Err(e) => {
+                    log::warn!("cannot make the balance board ({e}): workers accept unbalanced");
+                    self.board_failed = true;
+                }
+            }
+        }
+        let board = self.board.as_ref()?;
+        let taken: std::collections::BTreeSet<usize> = self.workers.values().filter_map(|w| w.board_entry).collect();
+        let free = (0..crate::balance::ENTRIES).find(|i| !taken.contains(i))?;
+        board.claim(free);
+        Some(free)
     }
 
     /// Takes over a worker started by the previous image of this process
@@ -428,6 +467,9 @@ impl Pool {
             .into_iter()
             .map(|r| {
                 let w = self.workers.remove(&r.pid);
+                if let (Some(b), Some(i)) = (&self.board, w.as_ref().and_then(|w| w.board_entry)) {
+                    b.release(i);
+                }
                 (r, w)
             })
             .collect()

@@ -28,11 +28,13 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::rc::Rc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 pub const LISTEN_FD: i32 = 3;
 pub const CHANNEL_FD: i32 = 4;
+/// The master's balance board (`crate::balance`), when the setup names an
+/// entry on it.
+pub const BOARD_FD: i32 = 5;
 pub const MASTER_PID_ENV: &str = "RPCD_MASTER_PID";
 
 /// After the drain's deadline has answered what was outstanding, how long
@@ -51,6 +53,9 @@ pub struct WorkerSetup {
     /// are `unavailable` while its processes cannot start).
     #[serde(default)]
     pub strict: bool,
+    /// This worker's entry on the balance board (at [`BOARD_FD`]).
+    #[serde(default)]
+    pub board_entry: Option<usize>,
 }
 
 /// Entry point of `rpcd --worker`. Never returns.
@@ -67,6 +72,8 @@ pub fn run(methods: Methods) -> ! {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
     }
+    // The master raised it; a library user's own master may not have.
+    let _ = crate::limits::raise();
     // Handler processes must not inherit the listener, the master's
     // channel, or anything else this process inherited.
     crate::pool::cloexec_inherited();
@@ -125,17 +132,14 @@ impl Report {
 async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods: Methods) -> i32 {
     let cfg = &setup.config;
     let std_listener = unsafe { std::net::TcpListener::from_raw_fd(LISTEN_FD) };
-    if let Err(e) = std_listener.set_nonblocking(true) {
-        log::error!("listener: {e}");
-        return 1;
-    }
-    let listener = match TcpListener::from_std(std_listener) {
-        Ok(l) => l,
+    // SAFETY: the master passes the board at BOARD_FD whenever it names an entry.
+    let seat = setup.board_entry.and_then(|entry| match unsafe { crate::balance::Board::from_raw_fd(BOARD_FD) } {
+        Ok(b) => Some(crate::balance::Seat { board: Rc::new(b), entry }),
         Err(e) => {
-            log::error!("listener: {e}");
-            return 1;
+            log::warn!("balance board: {e}; accepting without it");
+            None
         }
-    };
+    });
     chan.set_nonblocking(true).ok();
     let chan = match tokio::net::UnixStream::from_std(chan) {
         Ok(c) => c,
@@ -203,6 +207,7 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
         handover: Cell::new(false),
         handed: RefCell::new(Vec::new()),
         handed_ready: tokio::sync::Notify::new(),
+        seat: seat.clone(),
     });
 
     release_startup_text();
@@ -210,6 +215,13 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
     if !handlers.is_empty() && !report.heartbeat(&shared).await {
         return 1;
     }
+    let listener = match crate::balance::Acceptor::new(std_listener, seat) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("listener: {e}");
+            return 1;
+        }
+    };
     if !report.line("ready\n").await {
         return 1;
     }
@@ -246,10 +258,11 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
                     return 1;
                 }
             }
-            r = listener.as_ref().unwrap().accept() => match r {
-                Ok((stream, _)) => {
+            r = listener.as_mut().unwrap().accept() => match r {
+                Ok(stream) => {
                     accept_backoff = Duration::from_millis(10);
                     let _ = stream.set_nodelay(true);
+                    shared.conn_opened(false);
                     tokio::task::spawn_local(connection::serve(stream, shared.clone()));
                 }
                 Err(e) => {
@@ -357,6 +370,7 @@ fn adopt(from_master: &mut crate::handover::Reader, shared: &Rc<Shared>) {
             }
         };
         let _ = stream.set_nodelay(true);
+        shared.conn_opened(true);
         tokio::task::spawn_local(connection::serve_adopted(stream, shared.clone(), leftover));
     }
 }

@@ -58,6 +58,9 @@ pub fn spawn(name: &str, cfg: &HandlerConfig, max_frame: u32) -> io::Result<Spaw
         .process_group(0);
     cmd.fd_mappings(vec![FdMapping { parent_fd: theirs.into(), child_fd: HANDLER_FD }]).map_err(io::Error::other)?;
     let worker = nix::unistd::getpid();
+    // The program gets the descriptor limit rpcd started with, not the one
+    // rpcd raised for itself (its code may rely on select()).
+    let nofile = crate::limits::original_soft();
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -69,6 +72,9 @@ pub fn spawn(name: &str, cfg: &HandlerConfig, max_frame: u32) -> io::Result<Spaw
             }
             libc::signal(libc::SIGINT, libc::SIG_DFL);
             libc::signal(libc::SIGHUP, libc::SIG_DFL);
+            if let Some(n) = nofile {
+                crate::limits::set_soft(n)?;
+            }
             Ok(())
         });
     }

@@ -147,7 +147,7 @@ pub fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListe
 }
 
 /// Runs the daemon until it stops. Returns the exit code.
-pub fn run(config_path: PathBuf, cfg: Config, in_process: InProcess) -> i32 {
+pub fn run(config_path: PathBuf, cfg: Config, in_process: InProcess, nofile: Option<crate::limits::Nofile>) -> i32 {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -166,7 +166,7 @@ pub fn run(config_path: PathBuf, cfg: Config, in_process: InProcess) -> i32 {
                 return 1;
             }
         };
-        match Master::start(config_path.clone(), cfg, in_process, upgraded.as_ref()).await {
+        match Master::start(config_path.clone(), cfg, in_process, upgraded.as_ref(), nofile).await {
             Ok((mut m, rx, ctl_rx, zk_rx)) => {
                 if let Some(st) = &upgraded {
                     m.adopt_upgrade(st);
@@ -194,7 +194,13 @@ type Started = (
 );
 
 impl Master {
-    async fn start(config_path: PathBuf, cfg: Config, in_process: InProcess, upgraded: Option<&upgrade::State>) -> Result<Started, String> {
+    async fn start(
+        config_path: PathBuf,
+        cfg: Config,
+        in_process: InProcess,
+        upgraded: Option<&upgrade::State>,
+        nofile: Option<crate::limits::Nofile>,
+    ) -> Result<Started, String> {
         // Sockets passed by the service manager (its fd store, or a .socket
         // unit) are adopted where they match the config; the rest is closed.
         // An upgrade's new image has them from the previous image.
@@ -270,6 +276,15 @@ impl Master {
         );
         for w in cfg.warnings() {
             log::warn!("config: {w}");
+        }
+        match nofile {
+            Some(n) => {
+                log::info!("descriptors: RLIMIT_NOFILE soft {} (was {}), hard {}", n.soft, n.was, n.hard);
+                if let Some(w) = crate::limits::check(&cfg, n.soft) {
+                    log::warn!("config: {w}");
+                }
+            }
+            None => log::warn!("descriptors: cannot read or raise RLIMIT_NOFILE"),
         }
         crate::pool::cloexec_inherited();
         // Handler processes orphaned by a worker that died are re-parented

@@ -71,6 +71,10 @@ impl Master {
         if cfg.zookeeper.enabled != old.zookeeper.enabled {
             warnings.push("zookeeper.enabled cannot change at runtime (restart rpcd to apply)".into());
         }
+        warnings.extend(cfg.warnings());
+        if let Ok(n) = crate::limits::raise() {
+            warnings.extend(crate::limits::check(&cfg, n.soft));
+        }
         // What cannot change keeps its running value, so that the new
         // generation, later reloads (and their warnings) and the stop's
         // cleanup all see what is really in use.
