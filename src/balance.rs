@@ -4,12 +4,15 @@
 //! All workers accept from one listening socket. Each has it in its own
 //! epoll set, so the kernel wakes every worker for each connection, and the
 //! one that runs first takes it: with clients that keep their connection,
-//! a few workers end up with most of them (Cloudflare measured the same
-//! about epoll and accept: the busiest process keeps winning). nginx damps
-//! this with `ngx_accept_disabled` (a worker past 7/8 of its connections
-//! stops accepting for a while); `SO_REUSEPORT` spreads by a hash of the
-//! addresses, which is even only on average, and a closed socket drops the
-//! connections in its queue.
+//! a few workers end up with most of them (Cloudflare, "Why does one NGINX
+//! worker take all the load?", 2017: epoll wakes in LIFO order, so the
+//! busiest process keeps winning). nginx damps this with
+//! `ngx_accept_disabled` (a worker past 7/8 of its connections stops
+//! accepting for a while) or an accept mutex. `SO_REUSEPORT` gives each
+//! worker its own queue, filled by a hash of the addresses: even only on
+//! average, a busy worker's queue waits for it (Cloudflare measured the
+//! worst latency grow sharply), and a closed socket drops the connections
+//! in its queue, which a reload or a restart would have to rescue.
 //!
 //! rpcd does what `ngx_accept_disabled` does, against the other workers
 //! rather than against a fixed limit: the master shares a small [`Board`]
