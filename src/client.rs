@@ -71,19 +71,19 @@ impl Conn {
 
     /// Sends one request and reads its reply.
     pub async fn call(&mut self, method: &str, params: &Value, timeout: Duration) -> Result<Response, CallError> {
+        match tokio::time::timeout(timeout, self.send_and_read(method, params)).await {
+            Ok(r) => r,
+            Err(_) => Err(CallError::Timeout),
+        }
+    }
+
+    async fn send_and_read(&mut self, method: &str, params: &Value) -> Result<Response, CallError> {
         self.out.clear();
         let body = serde_json::to_vec(&json!({"in": method, "params": params})).map_err(|e| CallError::Protocol(e.to_string()))?;
         self.out.extend_from_slice(&(body.len() as u32).to_le_bytes());
         self.out.extend_from_slice(&body);
-        match tokio::time::timeout(timeout, async {
-            self.stream.write_all(&self.out).await.map_err(|e| CallError::NotSent(e.to_string()))?;
-            self.read_reply().await
-        })
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(CallError::Timeout),
-        }
+        self.stream.write_all(&self.out).await.map_err(|e| CallError::NotSent(e.to_string()))?;
+        self.read_reply().await
     }
 
     /// Whether the server has closed this (idle) connection, as a draining
@@ -131,9 +131,20 @@ pub struct Caller {
     conns: HashMap<String, Conn>,
     down: HashMap<String, Instant>,
     next: usize,
+    /// Time limit of a whole call, retries included.
     pub timeout: Duration,
     pub attempts: usize,
+    /// How long a server that failed is left out.
     pub down_for: Duration,
+    /// Time limit of one connect: a server that does not answer a connect
+    /// (a host cut off, its SYNs dropped) is marked down and another tried.
+    pub connect_timeout: Duration,
+    /// Time limit of one attempt of an idempotent call, after which another
+    /// server is tried (the first one marked down). If no other server is
+    /// up, the call keeps waiting for this one's reply until `timeout`.
+    /// None: a third of `timeout`. Calls that are not idempotent have one
+    /// attempt once sent, with all of the time that is left.
+    pub attempt_timeout: Option<Duration>,
     /// Retry calls that may have run (a connection lost after the request
     /// was sent) on another server. None: only for `ping` and `pi`.
     pub idempotent: Option<bool>,
@@ -157,6 +168,8 @@ impl Caller {
             timeout: Duration::from_secs(10),
             attempts: 6,
             down_for: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(1),
+            attempt_timeout: None,
             idempotent: None,
         }
     }
@@ -178,13 +191,26 @@ impl Caller {
         Some(up[i].addr())
     }
 
+    /// Whether a server other than `addr` is in `list` and not marked down.
+    fn another_up(down: &HashMap<String, Instant>, list: &[Server], addr: &str) -> bool {
+        let now = Instant::now();
+        list.iter().map(Server::addr).any(|a| a != addr && !matches!(down.get(&a), Some(until) if *until > now))
+    }
+
+    fn mark_down(&mut self, addr: &str) {
+        self.down.insert(addr.to_string(), Instant::now() + self.down_for);
+    }
+
     /// Calls `method`, retrying on another server where SPEC §2 allows it:
-    /// when the request provably did not run (no connection, not sent, or
-    /// answered `shutting_down`, `overloaded` or `unavailable`), and, for
-    /// idempotent methods (`ping`, `pi`, or [`Caller::idempotent`]), when
-    /// the connection was lost after sending. Timeouts are errors.
+    /// when the request provably did not run (no connection within
+    /// [`Caller::connect_timeout`], not sent, or answered `shutting_down`,
+    /// `overloaded` or `unavailable`), and, for idempotent methods (`ping`,
+    /// `pi`, or [`Caller::idempotent`]), when the connection was lost after
+    /// sending or no reply came within [`Caller::attempt_timeout`]. For
+    /// other methods a timeout is an error: the request may have run.
     pub async fn call(&mut self, method: &str, params: &Value) -> Result<Answer, String> {
         let idempotent = self.idempotent.unwrap_or(matches!(method, "ping" | "pi"));
+        let per_attempt = self.attempt_timeout.unwrap_or(self.timeout / 3).max(Duration::from_millis(1));
         let mut last_err = String::from("no server available");
         let deadline = Instant::now() + self.timeout;
         let mut attempt = 0;
@@ -195,7 +221,7 @@ impl Caller {
                     last_err = "no server registered".into();
                 }
                 // Waiting for a server to come back uses no attempt.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100).min(deadline.saturating_duration_since(Instant::now()))).await;
                 continue;
             };
             attempt += 1;
@@ -205,19 +231,41 @@ impl Caller {
             }
             let fresh = !self.conns.contains_key(&addr);
             if fresh {
-                match Conn::connect(&addr, left).await {
+                match Conn::connect(&addr, self.connect_timeout.min(left)).await {
                     Ok(c) => {
                         self.conns.insert(addr.clone(), c);
                     }
                     Err(e) => {
                         last_err = e.to_string();
-                        self.down.insert(addr, Instant::now() + self.down_for);
+                        self.mark_down(&addr);
                         continue;
                     }
                 }
             }
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
             let conn = self.conns.get_mut(&addr).unwrap();
-            let failure = match conn.call(method, params, left).await {
+            let result = if idempotent && per_attempt < left {
+                match tokio::time::timeout(per_attempt, conn.send_and_read(method, params)).await {
+                    Ok(r) => r,
+                    Err(_) if Self::another_up(&self.down, &list, &addr) => {
+                        // No reply in time (a host cut off, a stuck server):
+                        // ask another one; this one may answer later, unread.
+                        self.conns.remove(&addr);
+                        self.mark_down(&addr);
+                        last_err = format!("{addr}: no reply within {per_attempt:?}");
+                        continue;
+                    }
+                    // The only server up: wait on for its reply. (Reading
+                    // is cancel-safe: what arrived so far is in the buffer.)
+                    Err(_) => match tokio::time::timeout(left - per_attempt, conn.read_reply()).await {
+                        Ok(r) => r,
+                        Err(_) => Err(CallError::Timeout),
+                    },
+                }
+            } else {
+                conn.call(method, params, left).await
+            };
+            let failure = match result {
                 Ok(resp) if resp.error_code().is_some_and(crate::protocol::ErrorCode::retryable) => format!("{addr}: {}", resp.result),
                 Ok(response) => return Ok(Answer { server: addr, response, attempts: attempt }),
                 Err(CallError::Timeout) => {
@@ -235,9 +283,141 @@ impl Caller {
             // A reused connection may simply have been retired by a draining
             // worker: try the same server once more on a fresh connection.
             if fresh {
-                self.down.insert(addr, Instant::now() + self.down_for);
+                self.mark_down(&addr);
             }
         }
         Err(last_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn server(port: u16) -> Server {
+        Server { node: String::new(), host: "127.0.0.1".into(), port, data: Value::Null }
+    }
+
+    /// A server on its own thread: counts the requests it reads and answers
+    /// them with `pong` (or never, when `silent`).
+    fn fake(silent: bool) -> (u16, Arc<AtomicUsize>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let frames = Arc::new(AtomicUsize::new(0));
+        let f = frames.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for sock in l.incoming().take(50) {
+                let Ok(mut sock) = sock else { continue };
+                let f = f.clone();
+                let s2 = sock.try_clone().unwrap();
+                held.push(s2);
+                std::thread::spawn(move || {
+                    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    loop {
+                        let mut len = [0u8; 4];
+                        if sock.read_exact(&mut len).is_err() {
+                            return;
+                        }
+                        let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+                        if sock.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        f.fetch_add(1, Ordering::SeqCst);
+                        if !silent {
+                            let reply = br#"{"out":"pong","result":null}"#;
+                            let mut out = (reply.len() as u32).to_le_bytes().to_vec();
+                            out.extend_from_slice(reply);
+                            if sock.write_all(&out).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (port, frames)
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    #[test]
+    fn an_idempotent_call_without_a_reply_in_time_goes_to_another_server() {
+        let (silent, silent_frames) = fake(true);
+        let (good, good_frames) = fake(false);
+        runtime().block_on(async {
+            let mut c = Caller::new(Servers::Static(vec![server(silent), server(good)]), Strategy::RoundRobin);
+            c.timeout = Duration::from_secs(10);
+            c.attempt_timeout = Some(Duration::from_millis(200));
+            c.down_for = Duration::from_secs(30);
+            let t = Instant::now();
+            for _ in 0..10 {
+                let a = c.call("ping", &Value::Null).await.expect("every ping is answered");
+                assert_eq!(a.server, format!("127.0.0.1:{good}"));
+            }
+            assert!(t.elapsed() < Duration::from_secs(5), "one attempt timeout, not the call's: {:?}", t.elapsed());
+        });
+        assert_eq!(silent_frames.load(Ordering::SeqCst), 1, "tried once, then marked down");
+        assert_eq!(good_frames.load(Ordering::SeqCst), 10);
+    }
+
+    #[test]
+    fn the_only_server_up_is_waited_for_and_other_methods_are_never_retried_after_a_timeout() {
+        let (silent, silent_frames) = fake(true);
+        let (good, good_frames) = fake(false);
+        runtime().block_on(async {
+            // Alone, a slow server is waited for until the call's timeout.
+            let mut c = Caller::new(Servers::Static(vec![server(silent)]), Strategy::RoundRobin);
+            c.timeout = Duration::from_millis(600);
+            c.attempt_timeout = Some(Duration::from_millis(100));
+            let t = Instant::now();
+            let e = c.call("ping", &Value::Null).await.err().expect("no reply");
+            assert!(e.contains("timed out"), "{e}");
+            assert!(t.elapsed() >= Duration::from_millis(600), "{:?}", t.elapsed());
+            // A method that may not run twice: one attempt, the whole timeout.
+            let mut c = Caller::new(Servers::Static(vec![server(silent), server(good)]), Strategy::RoundRobin);
+            c.timeout = Duration::from_millis(500);
+            c.attempt_timeout = Some(Duration::from_millis(100));
+            c.next = 1; // round-robin picks the silent one first
+            let t = Instant::now();
+            let e = c.call("add", &json!([1, 2])).await.err().expect("not retried");
+            assert!(e.contains("timed out"), "{e}");
+            assert!(t.elapsed() >= Duration::from_millis(500), "{:?}", t.elapsed());
+        });
+        assert_eq!(silent_frames.load(Ordering::SeqCst), 2);
+        assert_eq!(good_frames.load(Ordering::SeqCst), 0, "add was not sent elsewhere");
+    }
+
+    #[test]
+    fn a_connect_that_hangs_is_given_up_after_the_connect_timeout() {
+        // A listener that never accepts, its queue full: further SYNs are
+        // dropped, and a connect hangs as it does to a host cut off.
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+        sock.listen(0).unwrap();
+        let hung = sock.local_addr().unwrap().as_socket().unwrap();
+        let fill: Vec<_> = (0..4).filter_map(|_| std::net::TcpStream::connect_timeout(&hung, Duration::from_millis(200)).ok()).collect();
+        if std::net::TcpStream::connect_timeout(&hung, Duration::from_millis(300)).is_ok() {
+            eprintln!("skipped: a full accept queue does not make connects hang here");
+            return;
+        }
+        let (good, good_frames) = fake(false);
+        runtime().block_on(async {
+            let mut c = Caller::new(Servers::Static(vec![server(hung.port()), server(good)]), Strategy::RoundRobin);
+            c.timeout = Duration::from_secs(10);
+            c.connect_timeout = Duration::from_millis(200);
+            c.next = 1; // the hung one first
+            let t = Instant::now();
+            let a = c.call("add", &json!([1, 2])).await.expect("not sent to the hung one, so retried");
+            assert_eq!(a.server, format!("127.0.0.1:{good}"));
+            assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        });
+        assert_eq!(good_frames.load(Ordering::SeqCst), 1);
+        drop(fill);
     }
 }

@@ -84,6 +84,13 @@ enum Cmd {
         /// Per-call time limit in seconds (retries included).
         #[arg(long, default_value_t = 10.0, value_name = "SECS")]
         timeout: f64,
+        /// Time limit of one connect in seconds; then another server is tried.
+        #[arg(long, default_value_t = 1.0, value_name = "SECS")]
+        connect_timeout: f64,
+        /// Idempotent calls only: seconds to wait for one server's reply
+        /// before trying another (default: a third of --timeout).
+        #[arg(long, value_name = "SECS")]
+        attempt_timeout: Option<f64>,
         /// The method is safe to run twice: retry it on another server even
         /// when the connection was lost after it was sent (ping and pi are).
         #[arg(long)]
@@ -318,7 +325,7 @@ fn main() {
                 println!("warning: {}", w.as_str().unwrap_or(""));
             }
         }
-        Cmd::Call { method, params, zk, root, addr, count, interval, strategy, timeout, idempotent } => {
+        Cmd::Call { method, params, zk, root, addr, count, interval, strategy, timeout, connect_timeout, attempt_timeout, idempotent } => {
             let params: Value = match params {
                 None => Value::Null,
                 Some(p) => serde_json::from_str(p).unwrap_or_else(|e| {
@@ -326,23 +333,52 @@ fn main() {
                     exit(2)
                 }),
             };
+            let secs = |s: f64| Duration::from_secs_f64(if s.is_finite() { s.clamp(0.001, 1e9) } else { 1e9 });
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            let failed = rt.block_on(async {
+            let (failed, made, stopped) = rt.block_on(async {
+                // SIGINT or SIGTERM: stop after the call in progress and say
+                // how many were made (as ping(8) does); a second one ends at once.
+                let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+                let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let (stop, stopping) = (stop.clone(), stopping.clone());
+                    let (mut int, mut term) = (signal(SignalKind::interrupt()).expect("SIGINT"), signal(SignalKind::terminate()).expect("SIGTERM"));
+                    tokio::spawn(async move {
+                        for _ in 0..2 {
+                            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+                            if stopping.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                                exit(130);
+                            }
+                            stop.notify_one();
+                        }
+                    });
+                }
                 let servers = match (zk, addr) {
                     (Some(z), _) => Servers::watch(z, root),
                     (None, Some(a)) => Servers::fixed(a),
                     _ => unreachable!(),
                 };
                 let mut caller = Caller::new(servers, *strategy);
-                caller.timeout = Duration::from_secs_f64(timeout.max(0.001));
+                caller.timeout = secs(*timeout);
+                caller.connect_timeout = secs(*connect_timeout);
+                caller.attempt_timeout = attempt_timeout.map(secs);
                 if *idempotent {
                     caller.idempotent = Some(true);
                 }
-                let mut failed = 0u64;
+                let (mut failed, mut made) = (0u64, 0u64);
+                let stopped = || stopping.load(std::sync::atomic::Ordering::SeqCst);
                 for i in 0..*count {
-                    if i > 0 && *interval > 0.0 {
-                        tokio::time::sleep(Duration::from_secs_f64(*interval)).await;
+                    if stopped() {
+                        break;
                     }
+                    if i > 0 && *interval > 0.0 {
+                        tokio::select! {
+                            _ = tokio::time::sleep(secs(*interval)) => {}
+                            _ = stop.notified() => break,
+                        }
+                    }
+                    made += 1;
                     match caller.call(method, &params).await {
                         Ok(a) => println!("{} {} {}", a.server, a.response.out, a.response.result),
                         Err(e) => {
@@ -352,10 +388,15 @@ fn main() {
                         }
                     }
                 }
-                failed
+                (failed, made, stopped())
             });
+            if stopped {
+                eprintln!("rpcctl: stopped after {made} of {count} call(s); {failed} failed");
+            }
             if failed > 0 {
-                eprintln!("rpcctl: {failed} of {count} call(s) failed");
+                if !stopped {
+                    eprintln!("rpcctl: {failed} of {count} call(s) failed");
+                }
                 exit(1);
             }
         }
