@@ -97,7 +97,7 @@ pub fn main(methods: Methods) -> ! {
         match &nofile {
             Ok(n) => {
                 if let Some(w) = limits::check(&cfg, n.soft) {
-                    eprintln!("{name}: warning: {w}");
+                    eprintln!("{name}: warning: {w} (this is the hard limit here; a service gets its unit's LimitNOFILE=)");
                 }
             }
             Err(e) => eprintln!("{name}: warning: cannot read or raise RLIMIT_NOFILE: {e}"),
