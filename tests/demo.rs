@@ -37,7 +37,16 @@ sys.stdout.write("\nDRIVER: sent=%s status=%d\n" % (sent, st))
 
 #[test]
 fn ctrl_c_in_the_demo_is_the_graceful_stop() {
-    let out = Command::new("python3").arg("-c").arg(PTY_DRIVER).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+    // The suite's binaries, as built (a `cargo build --bins` here would
+    // build them again with other features, under the other tests' feet).
+    assert!(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/rpcd").exists());
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(PTY_DRIVER)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RPCD_DEMO_NO_BUILD", "1")
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(text.contains("DRIVER: sent=True status=0"), "the demo did not start, or did not exit 0 after Ctrl-C:\n{text}");
     let pid: i32 = text
