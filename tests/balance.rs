@@ -16,6 +16,15 @@ use std::time::Duration;
 
 const RPCBENCH: &str = env!("CARGO_BIN_EXE_rpcbench");
 
+/// The tests here run one at a time: each measures how work spreads over
+/// processes that share the machine's cores, and the others' daemons and
+/// clients would be part of what it measures.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn daemon(workers: u32, env: Vec<(String, String)>) -> Daemon {
     let mut d = Daemon::start(Opts {
         workers,
@@ -70,6 +79,7 @@ fn trickle(port: u16, n: usize, gap: Duration) -> Vec<TcpStream> {
 
 #[test]
 fn a_burst_of_connections_is_balanced_over_2_and_4_workers() {
+    let _alone = alone();
     for workers in [2, 4] {
         let mut d = daemon(workers, vec![]);
         let held = burst(d.port, 400);
@@ -82,6 +92,7 @@ fn a_burst_of_connections_is_balanced_over_2_and_4_workers() {
 
 #[test]
 fn a_trickle_of_connections_is_balanced_over_2_and_4_workers() {
+    let _alone = alone();
     for workers in [2, 4] {
         let mut d = daemon(workers, vec![]);
         let held = trickle(d.port, 80, Duration::from_millis(10));
@@ -94,6 +105,7 @@ fn a_trickle_of_connections_is_balanced_over_2_and_4_workers() {
 
 #[test]
 fn without_the_board_connections_are_not_balanced() {
+    let _alone = alone();
     // The negative control: the check above can fail.
     let mut d = daemon(4, vec![("RPCD_BALANCE".into(), "off".into())]);
     let held = trickle(d.port, 200, Duration::ZERO);
@@ -106,6 +118,7 @@ fn without_the_board_connections_are_not_balanced() {
 
 #[test]
 fn a_pipelined_load_spreads_its_requests() {
+    let _alone = alone();
     let mut d = daemon(4, vec![]);
     let requests = |v: &Value| -> Vec<u64> { v["workers"].as_array().unwrap().iter().map(|w| w["requests"].as_u64().unwrap()).collect() };
     let before = requests(&d.status());
@@ -137,6 +150,7 @@ fn limits(pid: i32) -> (u64, u64) {
 
 #[test]
 fn a_soft_limit_of_1024_is_raised_and_handlers_get_it_back() {
+    let _alone = alone();
     let hard = limits(std::process::id() as i32).1;
     assert!(hard >= 3000, "this test needs a hard RLIMIT_NOFILE of 3000 or more (have {hard})");
     // Started as a service manager would: soft 1024.
@@ -169,6 +183,7 @@ fn a_soft_limit_of_1024_is_raised_and_handlers_get_it_back() {
 
 #[test]
 fn check_config_says_when_the_limit_is_short() {
+    let _alone = alone();
     let dir = tempfile::tempdir().unwrap();
     let check = |max_connections: u32| {
         let cfg = dir.path().join("rpcd.toml");
