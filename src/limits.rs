@@ -56,6 +56,11 @@ pub fn original_soft() -> Option<u64> {
     std::env::var(ORIGINAL_SOFT_ENV).ok()?.parse().ok()
 }
 
+/// The soft limit now.
+pub fn soft() -> std::io::Result<u64> {
+    Ok(get()?.0)
+}
+
 /// Raises the soft limit to the hard one.
 pub fn raise() -> std::io::Result<Nofile> {
     let (was, hard) = get()?;

@@ -77,30 +77,29 @@ fn trickle(port: u16, n: usize, gap: Duration) -> Vec<TcpStream> {
         .collect()
 }
 
-#[test]
-fn a_burst_of_connections_is_balanced_over_2_and_4_workers() {
-    let _alone = alone();
+/// `what` (n connections opened by `open`) over 2 and then 4 workers: each
+/// worker's share within ±20 % of the mean.
+fn assert_balanced(what: &str, n: u64, open: impl Fn(u16) -> Vec<TcpStream>) {
     for workers in [2, 4] {
         let mut d = daemon(workers, vec![]);
-        let held = burst(d.port, 400);
-        let c = shares(&mut d, 400);
-        eprintln!("burst of 400 over {workers} workers: {c:?}");
-        assert!(balanced(&c), "burst of 400 over {workers} workers: {c:?} is not within ±20 % of the mean");
+        let held = open(d.port);
+        let c = shares(&mut d, n);
+        eprintln!("{what} over {workers} workers: {c:?}");
+        assert!(balanced(&c), "{what} over {workers} workers: {c:?} is not within ±20 % of the mean");
         drop(held);
     }
 }
 
 #[test]
+fn a_burst_of_connections_is_balanced_over_2_and_4_workers() {
+    let _alone = alone();
+    assert_balanced("burst of 400", 400, |port| burst(port, 400));
+}
+
+#[test]
 fn a_trickle_of_connections_is_balanced_over_2_and_4_workers() {
     let _alone = alone();
-    for workers in [2, 4] {
-        let mut d = daemon(workers, vec![]);
-        let held = trickle(d.port, 80, Duration::from_millis(10));
-        let c = shares(&mut d, 80);
-        eprintln!("trickle of 80 over {workers} workers: {c:?}");
-        assert!(balanced(&c), "trickle of 80 over {workers} workers: {c:?} is not within ±20 % of the mean");
-        drop(held);
-    }
+    assert_balanced("trickle of 80", 80, |port| trickle(port, 80, Duration::from_millis(10)));
 }
 
 #[test]

@@ -176,15 +176,6 @@ fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) ->
     .expect("thread in a namespace")
 }
 
-fn four_letter_at(addr: &str, cmd: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&format!("{addr}:2181").parse().unwrap(), Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(cmd.as_bytes()).ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
-
 // ---------- processes ----------
 
 fn spawn_in(ns: &str, program: &str, args: &[&str], log: &Path) -> Child {
@@ -701,7 +692,7 @@ impl Bed {
     /// "leader" / "follower" of a member, asked from the client's host.
     fn mode(&self, i: usize) -> Option<String> {
         let addr = self.zks[i].addr.clone();
-        in_ns(&self.cli, move || four_letter_at(&addr, "srvr")).and_then(|o| o.lines().find_map(|l| l.strip_prefix("Mode: ").map(|m| m.trim().to_string())))
+        in_ns(&self.cli, move || four_letter_at(&format!("{addr}:2181"), "srvr")).and_then(|o| o.lines().find_map(|l| l.strip_prefix("Mode: ").map(|m| m.trim().to_string())))
     }
 
     fn modes(&self) -> Vec<Option<String>> {
@@ -786,7 +777,7 @@ impl Bed {
 
     fn sessions_on(&self, i: usize) -> usize {
         let addr = self.zks[i].addr.clone();
-        let cons = in_ns(&self.cli, move || four_letter_at(&addr, "cons")).unwrap_or_default();
+        let cons = in_ns(&self.cli, move || four_letter_at(&format!("{addr}:2181"), "cons")).unwrap_or_default();
         (0..3).filter(|&d| cons.contains(&format!("/{}:", rpc_addr(d)))).count()
     }
 

@@ -72,8 +72,8 @@ impl Master {
             warnings.push("zookeeper.enabled cannot change at runtime (restart rpcd to apply)".into());
         }
         warnings.extend(cfg.warnings());
-        if let Ok(n) = crate::limits::raise() {
-            warnings.extend(crate::limits::check(&cfg, n.soft));
+        if let Ok(soft) = crate::limits::soft() {
+            warnings.extend(crate::limits::check(&cfg, soft));
         }
         // What cannot change keeps its running value, so that the new
         // generation, later reloads (and their warnings) and the stop's

@@ -482,7 +482,12 @@ pub fn zk_available() -> bool {
 
 /// A ZooKeeper four-letter command (`ruok`, `cons`, ...) and its answer.
 pub fn four_letter(port: u16, cmd: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_millis(500)).ok()?;
+    four_letter_at(&format!("127.0.0.1:{port}"), cmd)
+}
+
+/// The same, to a server at `addr` (`host:port`).
+pub fn four_letter_at(addr: &str, cmd: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     s.write_all(cmd.as_bytes()).ok()?;
     let mut out = String::new();
