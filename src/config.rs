@@ -18,6 +18,8 @@ pub struct Config {
     pub zookeeper: ZkConfig,
     pub control: ControlConfig,
     pub log: LogConfig,
+    /// `[metrics]`: the Prometheus endpoint (SPEC §8).
+    pub metrics: MetricsConfig,
     /// `[methods.NAME]`: settings of built-in and in-process methods, and
     /// the routes of handler-backed ones (SPEC §7).
     pub methods: BTreeMap<String, MethodConfig>,
@@ -32,6 +34,7 @@ impl Default for Config {
             zookeeper: ZkConfig::default(),
             control: ControlConfig::default(),
             log: LogConfig::default(),
+            metrics: MetricsConfig::default(),
             methods: BTreeMap::from([("pi".to_string(), MethodConfig { max_terms: Some(DEFAULT_PI_MAX_TERMS), ..Default::default() })]),
             handlers: BTreeMap::new(),
         }
@@ -62,6 +65,22 @@ pub struct ServerConfig {
     pub heartbeat_timeout_secs: u64,
     /// New workers must report that they accept within this long (start and reload).
     pub ready_timeout_secs: u64,
+    /// A request slower than this is logged, once (0 = off).
+    pub slow_request_ms: u64,
+}
+
+/// `[metrics]`: where the master serves `GET /metrics` (off when empty).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The address to serve on, if any (validated).
+    pub fn addr(&self) -> Option<SocketAddr> {
+        (!self.listen.trim().is_empty()).then(|| resolve_addr(&self.listen).expect("validated"))
+    }
 }
 
 impl Default for ServerConfig {
@@ -79,6 +98,7 @@ impl Default for ServerConfig {
             heartbeat_interval_ms: 1000,
             heartbeat_timeout_secs: 10,
             ready_timeout_secs: 30,
+            slow_request_ms: 0,
         }
     }
 }
@@ -605,6 +625,12 @@ impl Config {
         }
         if s.ready_timeout_secs == 0 {
             return Err(err("server.ready_timeout_secs", "must be at least 1".into()));
+        }
+        if !self.metrics.listen.trim().is_empty() {
+            let m = resolve_addr(&self.metrics.listen).map_err(|m| err("metrics.listen", m))?;
+            if m.port() != 0 && m == resolve_addr(&s.listen).expect("checked above") {
+                return Err(err("metrics.listen", format!("\"{}\" is server.listen's address", self.metrics.listen)));
+            }
         }
         let z = &self.zookeeper;
         if z.enabled && z.hosts.trim().is_empty() {

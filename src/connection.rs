@@ -11,7 +11,8 @@
 use crate::handlers::Handlers;
 use crate::methods::{self, Kind, Table};
 use crate::protocol::{self, Decoded, ErrorCode, Parsed};
-use crate::replies::Replies;
+use crate::metrics::{self, Recorder};
+use crate::replies::{Meta, Replies};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
@@ -77,6 +78,34 @@ pub struct Shared {
     pub handed_ready: tokio::sync::Notify,
     /// This worker's place on the master's balance board, if it has one.
     pub seat: Option<crate::balance::Seat>,
+    /// Where this worker counts (`crate::metrics`), if it has a slot.
+    pub stats: Option<Recorder>,
+    /// `server.slow_request_ms` in nanoseconds (0: no slow log).
+    pub slow_ns: u64,
+    /// The requests answered in the batch being written, counted once it
+    /// is (run-length: a pipelined batch of pings is one entry).
+    pub tally: RefCell<Vec<Tally>>,
+}
+
+/// `n` requests of a batch, answered alike.
+#[derive(Clone, Copy, Debug)]
+pub struct Tally {
+    pub metric: u16,
+    pub code: u8,
+    pub n: u32,
+    pub arrival: Instant,
+}
+
+/// Adds one request to the batch's tally.
+#[inline(always)]
+fn note(tally: &mut Vec<Tally>, metric: u16, code: u8, arrival: Instant) {
+    if let Some(t) = tally.last_mut() {
+        if t.metric == metric && t.code == code && t.arrival == arrival {
+            t.n += 1;
+            return;
+        }
+    }
+    tally.push(Tally { metric, code, n: 1, arrival });
 }
 
 impl Shared {
@@ -87,6 +116,12 @@ impl Shared {
     /// [`Acceptor::accept`]: crate::balance::Acceptor::accept
     pub fn conn_opened(&self, adopted: bool) {
         self.connections.set(self.connections.get() + 1);
+        if let Some(r) = &self.stats {
+            if !adopted {
+                r.accepted();
+            }
+            r.opened();
+        }
         if let Some(s) = self.seat.as_ref().filter(|_| adopted) {
             s.board.opened(s.entry);
         }
@@ -94,6 +129,9 @@ impl Shared {
 
     fn conn_closed(&self) {
         self.connections.set(self.connections.get() - 1);
+        if let Some(r) = &self.stats {
+            r.closed();
+        }
         if let Some(s) = &self.seat {
             s.board.closed(s.entry);
         }
@@ -161,7 +199,7 @@ struct Processed {
 
 /// Appends replies for every complete frame at the front of `data` (to
 /// `out`, or to `replies` once some reply is outstanding).
-fn process(data: &[u8], out: &mut Vec<u8>, sh: &Shared, served: &mut Option<usize>, replies: &mut Option<Rc<Replies>>) -> Processed {
+fn process(data: &[u8], out: &mut Vec<u8>, sh: &Shared, served: &mut Option<usize>, replies: &mut Option<Rc<Replies>>, c: &mut Counting) -> Processed {
     let mut at = 0;
     loop {
         let buf = &data[at..];
@@ -172,10 +210,10 @@ fn process(data: &[u8], out: &mut Vec<u8>, sh: &Shared, served: &mut Option<usiz
                     Some(0) => {
                         let start = out.len();
                         protocol::error_frame(out, ErrorCode::ShuttingDown, "server is shutting down; retry elsewhere", None);
-                        in_order(out, start, replies);
+                        in_order(out, start, replies, 0, metrics::error_index(ErrorCode::ShuttingDown), c);
                     }
                     _ => {
-                        dispatch(&buf[4..4 + len], out, sh, replies);
+                        dispatch(&buf[4..4 + len], out, sh, replies, c);
                         if let Some(n) = served {
                             *n -= 1;
                         }
@@ -190,36 +228,52 @@ fn process(data: &[u8], out: &mut Vec<u8>, sh: &Shared, served: &mut Option<usiz
                 let msg = format!("frame of {n} bytes is over the limit of {} bytes", sh.max_frame_bytes);
                 let start = out.len();
                 protocol::error_frame(out, ErrorCode::TooLarge, &msg, None);
-                in_order(out, start, replies);
+                in_order(out, start, replies, 0, metrics::error_index(ErrorCode::TooLarge), c);
                 return Processed { used: at, need: 0, close: true };
             }
         }
     }
 }
 
-/// A reply written at `out[start..]` at once: while some reply before it is
-/// outstanding, it waits in a slot of its own instead.
+/// How the batch being answered is counted: when it arrived, and its tally.
+struct Counting<'a> {
+    arrival: Instant,
+    tally: &'a mut Vec<Tally>,
+}
+
+/// A reply written at `out[start..]` at once, counted with the batch: while
+/// some reply before it is outstanding, it waits in a slot of its own
+/// instead (and is counted when that is written).
 #[inline]
-fn in_order(out: &mut Vec<u8>, start: usize, replies: &Option<Rc<Replies>>) {
+fn in_order(out: &mut Vec<u8>, start: usize, replies: &Option<Rc<Replies>>, metric: u16, code: u8, c: &mut Counting) {
     if let Some(r) = replies {
         if !r.is_empty() {
-            r.push_ready(out.split_off(start));
+            r.push_ready(out.split_off(start), Meta { metric, code, arrival: c.arrival });
+            return;
         }
     }
+    note(c.tally, metric, code, c.arrival);
 }
 
 /// Answers one request body: at once onto `out`, or later through a slot.
 #[inline(always)]
-fn dispatch(body: &[u8], out: &mut Vec<u8>, sh: &Shared, replies: &mut Option<Rc<Replies>>) {
+fn dispatch(body: &[u8], out: &mut Vec<u8>, sh: &Shared, replies: &mut Option<Rc<Replies>>, c: &mut Counting) {
     let start = out.len();
-    match protocol::parse(body) {
-        Parsed::Invalid { code, message, id } => protocol::error_frame_id(out, code, &message, id),
+    let (metric, code) = match protocol::parse(body) {
+        Parsed::Invalid { code, message, id } => {
+            protocol::error_frame_id(out, code, &message, id);
+            (0, metrics::error_index(code))
+        }
         Parsed::Call { method, params, id } => match sh.table.get(&method) {
-            None => protocol::unknown_method(out, &method, id),
+            None => {
+                protocol::unknown_method(out, &method, id);
+                (0, metrics::error_index(ErrorCode::UnknownMethod))
+            }
             Some(e) => match &e.kind {
-                Kind::Now(f) => methods::answer_now(e, f, params, id, out),
+                Kind::Now(f) => (e.metric, methods::answer_now(e, f, params, id, out)),
                 Kind::Later { f, timeout } => {
-                    let reply = replies.get_or_insert_with(Replies::new).reserve(id);
+                    let meta = Meta { metric: e.metric, code: 0, arrival: c.arrival };
+                    let reply = replies.get_or_insert_with(Replies::new).reserve(id, meta);
                     let fut = f(params.to_string());
                     let (timeout, prefix, name) = (*timeout, e.prefix.clone(), method.into_owned());
                     tokio::task::spawn_local(async move {
@@ -232,14 +286,15 @@ fn dispatch(body: &[u8], out: &mut Vec<u8>, sh: &Shared, replies: &mut Option<Rc
                     return;
                 }
                 Kind::Handler { pool, route } => {
-                    let reply = replies.get_or_insert_with(Replies::new).reserve(id);
+                    let meta = Meta { metric: e.metric, code: 0, arrival: c.arrival };
+                    let reply = replies.get_or_insert_with(Replies::new).reserve(id, meta);
                     sh.handlers.submit(*pool, *route, params, reply);
                     return;
                 }
             },
         },
-    }
-    in_order(out, start, replies);
+    };
+    in_order(out, start, replies, metric, code, c);
 }
 
 /// What woke a connection up.
@@ -310,6 +365,7 @@ enum Answered {
 /// of it) or in `pending`, keeps an incomplete frame in `pending`, and
 /// writes the replies (with any filled slots behind them) in one go. Holds
 /// the worker-wide buffers only while it runs (never across an await).
+#[allow(clippy::too_many_arguments)]
 fn answer(
     stream: &TcpStream,
     sh: &Shared,
@@ -318,13 +374,16 @@ fn answer(
     served: &mut Option<usize>,
     need: &mut usize,
     replies: &mut Option<Rc<Replies>>,
+    now: &mut Instant,
 ) -> Answered {
     let mut out = sh.obuf.borrow_mut();
     out.clear();
+    let mut tally = sh.tally.borrow_mut();
+    let mut c = Counting { arrival: *now, tally: &mut tally };
     let close = match fresh {
         Some(n) => {
             let rbuf = sh.rbuf.borrow();
-            let p = process(&rbuf[..n], &mut out, sh, served, replies);
+            let p = process(&rbuf[..n], &mut out, sh, served, replies, &mut c);
             if !p.close && p.used < n {
                 pending.reserve(p.need.max(n - p.used));
                 pending.extend_from_slice(&rbuf[p.used..n]);
@@ -333,7 +392,7 @@ fn answer(
             p.close
         }
         None => {
-            let p = process(pending, &mut out, sh, served, replies);
+            let p = process(pending, &mut out, sh, served, replies, &mut c);
             if p.close || p.used == pending.len() {
                 // Nothing left over: give the memory back.
                 *pending = Vec::new();
@@ -345,7 +404,7 @@ fn answer(
         }
     };
     if let Some(r) = replies {
-        r.take_ready(&mut out);
+        r.take_ready(&mut out, |m| note(c.tally, m.metric, m.code, m.arrival));
     }
     let res = if out.is_empty() {
         Answered::Written { close }
@@ -356,10 +415,45 @@ fn answer(
             Err(_) => Answered::Failed,
         }
     };
+    if !tally.is_empty() {
+        *now = Instant::now();
+        count(sh, stream, &mut tally, *now);
+    }
     if out.capacity() > 1 << 20 {
         *out = Vec::with_capacity(READ_CHUNK);
     }
     res
+}
+
+/// Counts a written batch (and logs its slow requests).
+#[inline]
+fn count(sh: &Shared, stream: &TcpStream, tally: &mut Vec<Tally>, written: Instant) {
+    for t in tally.drain(..) {
+        let ns = written.saturating_duration_since(t.arrival).as_nanos() as u64;
+        if let Some(r) = &sh.stats {
+            r.record(t.metric, t.code, t.n as u64, ns);
+        }
+        if sh.slow_ns > 0 && ns >= sh.slow_ns {
+            slow(sh, stream, &t, ns);
+        }
+    }
+}
+
+#[cold]
+fn slow(sh: &Shared, stream: &TcpStream, t: &Tally, ns: u64) {
+    let method = match t.metric {
+        0 => "(other)",
+        m => sh.table.names().nth(m as usize - 1).unwrap_or("(other)"),
+    };
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+    let more = if t.n > 1 { format!(" ({} requests in one batch)", t.n) } else { String::new() };
+    log::warn!(
+        "slow request: method {method} took {:.1} ms (over slow_request_ms = {}), reply {}, worker {}, peer {peer}{more}",
+        ns as f64 / 1e6,
+        sh.slow_ns / 1_000_000,
+        metrics::CODES[t.code as usize % metrics::NCODES],
+        std::process::id()
+    );
 }
 
 async fn connection(mut stream: TcpStream, sh: &Shared, leftover: Vec<u8>) {
@@ -521,7 +615,9 @@ async fn connection(mut stream: TcpStream, sh: &Shared, leftover: Vec<u8>) {
                 None
             }
         };
-        let answered = answer(&stream, sh, &mut pending, fresh, &mut served, &mut need, &mut replies);
+        // When this batch arrived (and, once answered, was written).
+        let mut now = Instant::now();
+        let answered = answer(&stream, sh, &mut pending, fresh, &mut served, &mut need, &mut replies, &mut now);
         let close = match answered {
             Answered::Written { close } => close,
             Answered::Rest { rest, close } => {
@@ -552,7 +648,7 @@ async fn connection(mut stream: TcpStream, sh: &Shared, leftover: Vec<u8>) {
             return end(&replies);
         }
         if idle.is_some() {
-            last_active = Instant::now();
+            last_active = now;
         }
         if draining {
             // What is partly received may have changed the close's due time.

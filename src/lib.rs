@@ -30,6 +30,7 @@ pub mod limits;
 pub mod logging;
 pub mod master;
 pub mod methods;
+pub mod metrics;
 pub mod notify;
 pub mod pool;
 pub mod protocol;

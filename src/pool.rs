@@ -209,6 +209,11 @@ pub struct Worker {
     /// Its entry on the pool's balance board (none for a worker adopted
     /// from a previous image, which has that image's board).
     pub board_entry: Option<usize>,
+    /// Its slot in the pool's stats (`crate::metrics::shm`); none for a
+    /// worker adopted from a previous image.
+    pub stats_entry: Option<usize>,
+    /// Why the master killed it, if it did (a `rpcd_worker_restarts_total` reason).
+    pub killed_for: Option<&'static str>,
     pub child: Child,
 }
 
@@ -227,6 +232,8 @@ impl Worker {
             handlers: BTreeMap::new(),
             reaped_handlers: Vec::new(),
             board_entry: None,
+            stats_entry: None,
+            killed_for: None,
             channel_closed: false,
             child: Child::new(Target::Process(pid)),
         }
@@ -342,6 +349,10 @@ pub struct Pool {
     /// (`crate::balance`). Made at the first spawn; None if it cannot be.
     board: Option<Board>,
     board_failed: bool,
+    /// Shared with the workers: what they count (`crate::metrics`). Made at
+    /// the first spawn; None if it cannot be.
+    pub stats: Option<crate::metrics::Stats>,
+    stats_failed: bool,
 }
 
 impl Pool {
@@ -357,7 +368,8 @@ impl Pool {
     ) -> std::io::Result<(i32, UnixStream)> {
         let (mut master_end, worker_end) = UnixStream::pair()?;
         let board_entry = self.board_entry();
-        let setup = WorkerSetup { config: cfg.clone(), slot, generation, strict, board_entry };
+        let stats_entry = self.stats_entry();
+        let setup = WorkerSetup { config: cfg.clone(), slot, generation, strict, board_entry, stats_entry };
         let mut line = serde_json::to_vec(&setup).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let listen_fd: OwnedFd = listener.try_clone()?.into();
@@ -376,14 +388,26 @@ impl Pool {
         if let (Some(_), Some(b)) = (board_entry, &self.board) {
             fds.push(FdMapping { parent_fd: b.fd().try_clone()?, child_fd: BOARD_FD });
         }
+        if let (Some(_), Some(st)) = (stats_entry, &self.stats) {
+            fds.push(FdMapping { parent_fd: st.fd().try_clone()?, child_fd: crate::metrics::shm::STATS_FD });
+        }
         cmd.fd_mappings(fds).map_err(std::io::Error::other)?;
-        let child = cmd.spawn()?;
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                if let (Some(i), Some(st)) = (stats_entry, &mut self.stats) {
+                    st.release(i);
+                }
+                return Err(e);
+            }
+        };
         drop(cmd); // closes our copies of the worker's fds
         let pid = child.id() as i32;
         // The setup is small: it fits in the socket buffer without blocking.
         master_end.write_all(&line)?;
         let mut w = Worker::new(pid, generation, slot, WState::Starting, Instant::now());
         w.board_entry = board_entry;
+        w.stats_entry = stats_entry;
         self.workers.insert(pid, w);
         Ok((pid, master_end))
     }
@@ -410,6 +434,20 @@ impl Pool {
         let free = (0..crate::balance::ENTRIES).find(|i| !taken.contains(i))?;
         board.claim(free);
         Some(free)
+    }
+
+    /// A free slot in the stats, zeroed, making the stats first if need be.
+    fn stats_entry(&mut self) -> Option<usize> {
+        if self.stats.is_none() && !self.stats_failed {
+            match crate::metrics::Stats::create() {
+                Ok(s) => self.stats = Some(s),
+                Err(e) => {
+                    log::warn!("cannot make the stats memory ({e}): requests are not counted");
+                    self.stats_failed = true;
+                }
+            }
+        }
+        self.stats.as_mut()?.claim()
     }
 
     /// Takes over a worker started by the previous image of this process
@@ -469,6 +507,10 @@ impl Pool {
                 let w = self.workers.remove(&r.pid);
                 if let (Some(b), Some(i)) = (&self.board, w.as_ref().and_then(|w| w.board_entry)) {
                     b.release(i);
+                }
+                // Its counts are final now: they join the retired workers'.
+                if let (Some(st), Some(i)) = (&mut self.stats, w.as_ref().and_then(|w| w.stats_entry)) {
+                    st.release(i);
                 }
                 (r, w)
             })

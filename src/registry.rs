@@ -30,6 +30,9 @@ pub enum ZkState {
 pub struct Status {
     pub state: ZkState,
     pub node: Option<String>,
+    /// A session event that came with this state, if any
+    /// (`rpcd_zookeeper_session_events_total`'s `event`).
+    pub event: Option<&'static str>,
 }
 
 enum Cmd {
@@ -140,9 +143,13 @@ enum Next {
 
 impl Registrar {
     fn report(&self, state: ZkState) {
+        self.report_event(state, None);
+    }
+
+    fn report_event(&self, state: ZkState, event: Option<&'static str>) {
         // While moving, the old node is still our registration.
         let node = self.node.clone().or_else(|| self.old.as_ref().and_then(|(_, n)| n.clone()));
-        let _ = self.events.send(Status { state, node });
+        let _ = self.events.send(Status { state, node, event });
     }
 
     fn timeout(&self) -> Duration {
@@ -273,6 +280,7 @@ impl Registrar {
     async fn session(&mut self, client: zk::Client) -> End {
         let mut states = client.state_watcher();
         let t = self.timeout();
+        self.report_event(if self.node.is_some() { ZkState::Registered } else { ZkState::Connecting }, Some("connected"));
         // Register, retrying while the session lives; commands are handled meanwhile.
         loop {
             if self.detached {
@@ -337,16 +345,21 @@ impl Registrar {
                 s = states.changed() => match s {
                     zk::SessionState::Disconnected => {
                         log::warn!("zookeeper: connection lost; the session (and the node) survive until it expires");
-                        self.report(ZkState::Connecting);
+                        self.report_event(ZkState::Connecting, Some("disconnected"));
                     }
                     zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
                         log::info!("zookeeper: reconnected (session {})", client.session_id());
-                        self.report(ZkState::Registered);
+                        self.report_event(ZkState::Registered, Some("reconnected"));
                     }
                     s if s.is_terminated() => {
                         log::warn!("zookeeper: session {} {s:?}; registering again in a new session", client.session_id());
                         self.node = None;
-                        self.report(ZkState::Connecting);
+                        let event = match s {
+                            zk::SessionState::Expired => "expired",
+                            zk::SessionState::AuthFailed => "auth_failed",
+                            _ => "closed",
+                        };
+                        self.report_event(ZkState::Connecting, Some(event));
                         return End::Lost;
                     }
                     _ => {}

@@ -15,11 +15,23 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::task::Waker;
+use tokio::time::Instant;
+
+/// What a reply is counted as once written (`crate::metrics`): its method's
+/// metric index, its code's, and when its request arrived.
+#[derive(Clone, Copy, Debug)]
+pub struct Meta {
+    pub metric: u16,
+    pub code: u8,
+    pub arrival: Instant,
+}
+
+type Slot = (Option<Vec<u8>>, Meta);
 
 /// The slots of one connection.
 #[derive(Default)]
 pub struct Replies {
-    slots: RefCell<VecDeque<Option<Vec<u8>>>>,
+    slots: RefCell<VecDeque<Slot>>,
     /// Sequence number of `slots[0]`.
     base: Cell<u64>,
     waker: RefCell<Option<Waker>>,
@@ -52,25 +64,28 @@ impl Replies {
 
     /// Reserves the next slot for a reply that comes later; `id` is the raw
     /// text of the client's id, put back on the reply.
-    pub fn reserve(self: &Rc<Self>, id: Option<&str>) -> ReplyTo {
+    /// (`meta`: how the reply is counted; its code is set when it is sent.)
+    pub fn reserve(self: &Rc<Self>, id: Option<&str>, meta: Meta) -> ReplyTo {
         let mut slots = self.slots.borrow_mut();
         let seq = self.base.get() + slots.len() as u64;
-        slots.push_back(None);
+        slots.push_back((None, meta));
         ReplyTo { replies: self.clone(), seq, id: id.map(Box::from), done: false }
     }
 
     /// Queues a reply frame that is ready now, behind the outstanding ones.
-    pub fn push_ready(&self, frame: Vec<u8>) {
-        self.slots.borrow_mut().push_back(Some(frame));
+    pub fn push_ready(&self, frame: Vec<u8>, meta: Meta) {
+        self.slots.borrow_mut().push_back((Some(frame), meta));
     }
 
-    /// Moves the filled slots at the front onto `out`. Returns how many.
-    pub fn take_ready(&self, out: &mut Vec<u8>) -> usize {
+    /// Moves the filled slots at the front onto `out`, and their counting
+    /// to `counted`. Returns how many.
+    pub fn take_ready(&self, out: &mut Vec<u8>, mut counted: impl FnMut(Meta)) -> usize {
         let mut slots = self.slots.borrow_mut();
         let mut n = 0;
-        while let Some(Some(_)) = slots.front() {
-            let frame = slots.pop_front().flatten().unwrap_or_default();
-            out.extend_from_slice(&frame);
+        while let Some((Some(_), _)) = slots.front() {
+            let (frame, meta) = slots.pop_front().expect("front");
+            out.extend_from_slice(&frame.unwrap_or_default());
+            counted(meta);
             n += 1;
         }
         self.base.set(self.base.get() + n as u64);
@@ -79,7 +94,7 @@ impl Replies {
 
     /// Whether the front slot is filled (the connection has something to write).
     pub fn front_ready(&self) -> bool {
-        matches!(self.slots.borrow().front(), Some(Some(_)))
+        matches!(self.slots.borrow().front(), Some((Some(_), _)))
     }
 
     pub fn close(&self) {
@@ -90,12 +105,15 @@ impl Replies {
         self.closed.get()
     }
 
-    fn fill(&self, seq: u64, frame: Vec<u8>) {
+    fn fill(&self, seq: u64, frame: Vec<u8>, code: u8) {
         let Some(i) = seq.checked_sub(self.base.get()) else { return };
         let wake = {
             let mut slots = self.slots.borrow_mut();
             match slots.get_mut(i as usize) {
-                Some(slot @ None) => *slot = Some(frame),
+                Some((slot @ None, meta)) => {
+                    *slot = Some(frame);
+                    meta.code = code;
+                }
                 _ => return,
             }
             i == 0
@@ -139,7 +157,9 @@ impl ReplyTo {
             }
             o.push(b'}');
         });
-        self.finish(frame);
+        // A handler's own error reply counts under its code.
+        let code = if out_json == b"\"error\"" { error_code_of(result_json) } else { crate::metrics::OK };
+        self.finish(frame, code);
     }
 
     /// A reply whose head (`{"out":"TAG","result":`) is ready made.
@@ -154,7 +174,7 @@ impl ReplyTo {
             }
             o.push(b'}');
         });
-        self.finish(frame);
+        self.finish(frame, crate::metrics::OK);
     }
 
     pub fn error(self, code: ErrorCode, message: &str) {
@@ -164,12 +184,25 @@ impl ReplyTo {
     pub fn error_code(mut self, code: &str, message: &str) {
         let mut frame = Vec::new();
         protocol::error_frame_code(&mut frame, code, message, self.id.as_deref());
-        self.finish(frame);
+        self.finish(frame, crate::metrics::code_index(code));
     }
 
-    fn finish(&mut self, frame: Vec<u8>) {
+    fn finish(&mut self, frame: Vec<u8>, code: u8) {
         self.done = true;
-        self.replies.fill(self.seq, frame);
+        self.replies.fill(self.seq, frame, code);
+    }
+}
+
+/// The code index of an error reply's `result` (`{"code": ...}`).
+fn error_code_of(result_json: &[u8]) -> u8 {
+    #[derive(serde::Deserialize)]
+    struct R<'a> {
+        #[serde(borrow)]
+        code: std::borrow::Cow<'a, str>,
+    }
+    match serde_json::from_slice::<R>(result_json) {
+        Ok(r) => crate::metrics::code_index(&r.code),
+        Err(_) => crate::metrics::OTHER_CODE,
     }
 }
 
@@ -179,7 +212,7 @@ impl Drop for ReplyTo {
             let mut frame = Vec::new();
             let msg = "the method ended without answering";
             protocol::error_frame_code(&mut frame, ErrorCode::HandlerFailed.as_str(), msg, self.id.as_deref());
-            self.finish(frame);
+            self.finish(frame, crate::metrics::error_index(ErrorCode::HandlerFailed));
         }
     }
 }
@@ -187,6 +220,10 @@ impl Drop for ReplyTo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn m(metric: u16) -> Meta {
+        Meta { metric, code: 0, arrival: Instant::now() }
+    }
 
     fn frames(mut b: &[u8]) -> Vec<String> {
         let mut v = Vec::new();
@@ -201,30 +238,35 @@ mod tests {
     #[test]
     fn replies_go_out_in_request_order() {
         let r = Replies::new();
-        let a = r.reserve(Some("1"));
+        let a = r.reserve(Some("1"), m(1));
         let mut now = Vec::new();
         protocol::ok_frame(&mut now, "pong", b"2", Some("2"));
-        r.push_ready(now);
-        let c = r.reserve(None);
+        r.push_ready(now, m(2));
+        let c = r.reserve(None, m(3));
         let mut out = Vec::new();
-        assert_eq!(r.take_ready(&mut out), 0);
-        c.send_raw(b"\"x\"", b"3");
-        assert_eq!(r.take_ready(&mut out), 0, "the first is still outstanding");
+        let mut counted = Vec::new();
+        assert_eq!(r.take_ready(&mut out, |m| counted.push((m.metric, m.code))), 0);
+        c.send_raw(b"\"error\"", br#"{"code":"bad_params","message":"no"}"#);
+        assert_eq!(r.take_ready(&mut out, |m| counted.push((m.metric, m.code))), 0, "the first is still outstanding");
         a.error(ErrorCode::Timeout, "late");
-        assert_eq!(r.take_ready(&mut out), 3);
+        assert_eq!(r.take_ready(&mut out, |m| counted.push((m.metric, m.code))), 3);
+        // Counted as written, with their codes: timeout, ok, bad_params.
+        assert_eq!(counted, vec![(1, 8), (2, 0), (3, 4)]);
         let f = frames(&out);
         assert!(f[0].contains("\"timeout\"") && f[0].ends_with(",\"id\":1}"), "{f:?}");
         assert_eq!(f[1], r#"{"out":"pong","result":2,"id":2}"#);
-        assert_eq!(f[2], r#"{"out":"x","result":3}"#);
+        assert_eq!(f[2], r#"{"out":"error","result":{"code":"bad_params","message":"no"}}"#);
         assert!(r.is_empty());
     }
 
     #[test]
     fn a_dropped_reply_answers_handler_failed() {
         let r = Replies::new();
-        drop(r.reserve(Some("\"a\"")));
+        drop(r.reserve(Some("\"a\""), m(1)));
         let mut out = Vec::new();
-        assert_eq!(r.take_ready(&mut out), 1);
+        let mut code = 0;
+        assert_eq!(r.take_ready(&mut out, |m| code = m.code), 1);
+        assert_eq!(code, crate::metrics::error_index(ErrorCode::HandlerFailed));
         assert!(frames(&out)[0].contains("handler_failed"));
     }
 }

@@ -56,6 +56,9 @@ pub struct WorkerSetup {
     /// This worker's entry on the balance board (at [`BOARD_FD`]).
     #[serde(default)]
     pub board_entry: Option<usize>,
+    /// This worker's slot in the stats (at [`crate::metrics::shm::STATS_FD`]).
+    #[serde(default)]
+    pub stats_entry: Option<usize>,
 }
 
 /// Entry point of `rpcd --worker`. Never returns.
@@ -140,6 +143,21 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
             None
         }
     });
+    // SAFETY: the master passes the stats at STATS_FD whenever it names a slot.
+    let stats = setup.stats_entry.and_then(|entry| match unsafe { crate::metrics::Recorder::from_raw_fd(crate::metrics::shm::STATS_FD, entry) } {
+        Ok(r) => {
+            let pools: Vec<&str> = cfg.handlers.keys().map(|k| k.as_str()).collect();
+            if r.set_handler_names(&pools) < pools.len() {
+                log::warn!("stats: only the first {} handler pools are counted by name", crate::metrics::shm::MAX_HANDLERS);
+            }
+            crate::metrics::set_worker(r);
+            Some(r)
+        }
+        Err(e) => {
+            log::warn!("stats: {e}; requests are not counted");
+            None
+        }
+    });
     chan.set_nonblocking(true).ok();
     let chan = match tokio::net::UnixStream::from_std(chan) {
         Ok(c) => c,
@@ -187,8 +205,16 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
         }
         log::info!("handler processes ready after {} ms: {:?}", started.elapsed().as_millis(), handlers.pids());
     }
-    let table = methods.table(cfg, |m| handlers.route(m, cfg));
+    let mut table = methods.table(cfg, |m| handlers.route(m, cfg));
     log::debug!("methods: {}", table.names().collect::<Vec<_>>().join(", "));
+    if let Some(r) = &stats {
+        let names: Vec<&str> = table.names().collect();
+        let named = r.set_method_names(&names);
+        if named < names.len() {
+            log::warn!("stats: {} methods are counted as \"other\" (room for {named} names)", names.len() - named);
+            table.count_first(named);
+        }
+    }
     let shared = Rc::new(Shared {
         max_frame_bytes: cfg.server.max_frame_bytes,
         table,
@@ -208,6 +234,9 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
         handed: RefCell::new(Vec::new()),
         handed_ready: tokio::sync::Notify::new(),
         seat: seat.clone(),
+        stats,
+        slow_ns: cfg.server.slow_request_ms.saturating_mul(1_000_000),
+        tally: RefCell::new(Vec::new()),
     });
 
     release_startup_text();

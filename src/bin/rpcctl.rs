@@ -160,6 +160,9 @@ fn print_status(v: &Value) {
         None => println!("     Listen: {}", v["listen"].as_str().unwrap_or("?")),
     }
     println!(" Generation: {}", v["generation"]);
+    if let Some(m) = v["metrics"].as_str() {
+        println!("    Metrics: {m}");
+    }
     let zk = &v["zookeeper"];
     match zk["node"].as_str() {
         Some(n) => println!("  ZooKeeper: {} ({n})", zk["state"].as_str().unwrap_or("?")),
@@ -183,6 +186,28 @@ fn print_status(v: &Value) {
     }
     for b in v["backoff"].as_array().cloned().unwrap_or_default() {
         println!("      slot {} crash-looping: {} restarts, next start in {:.1}s", b["slot"], b["restarts"], b["respawn_in_secs"].as_f64().unwrap_or(0.0));
+    }
+    print_methods(&v["methods"]);
+}
+
+/// Per method: the last minute's requests, errors, p50 and p99, and the
+/// totals since the start.
+fn print_methods(m: &Value) {
+    let Some(by) = m["by_method"].as_object().filter(|b| !b.is_empty()) else { return };
+    println!("    Methods: last {}", fmt_secs(m["window_secs"].as_f64().unwrap_or(0.0)));
+    println!("      {:<20} {:>10} {:>8} {:>10} {:>10} {:>12} {:>8}", "METHOD", "REQUESTS", "ERRORS", "P50", "P99", "TOTAL", "ERRORS");
+    let ms = |v: &Value| v.as_f64().map_or("-".to_string(), |x| if x < 1.0 { format!("{:.0}us", x * 1000.0) } else { format!("{x:.1}ms") });
+    for (name, s) in by {
+        println!(
+            "      {:<20} {:>10} {:>8} {:>10} {:>10} {:>12} {:>8}",
+            name,
+            s["requests"].to_string(),
+            s["errors"].to_string(),
+            ms(&s["p50_ms"]),
+            ms(&s["p99_ms"]),
+            s["total_requests"].to_string(),
+            s["total_errors"].to_string()
+        );
     }
 }
 

@@ -224,6 +224,7 @@ impl Inner {
             log::warn!("handler {}[{pid}] missed a deadline: SIGTERM to its process group, SIGKILL after {} ms; not reused", pool.name, pool.cfg.kill_grace_ms);
             pool.fail_proc(pid, ErrorCode::HandlerFailed, "was killed: another call it held passed its deadline");
             pool.kill_proc(pid);
+            crate::metrics::handler_restart(p, crate::metrics::HandlerRestart::Timeout);
             self.slot_gone_killed(p, pid);
         }
     }

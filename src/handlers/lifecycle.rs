@@ -164,6 +164,7 @@ impl Inner {
 
     pub(super) fn warmup_failed(&mut self, h: &Handlers, p: usize, pid: i32, msg: &str) {
         log::error!("handler {}[{pid}]: {msg}", self.pools[p].name);
+        crate::metrics::handler_restart(p, crate::metrics::HandlerRestart::WarmupFailed);
         self.note_start_failure(h, p, msg);
         self.pools[p].last_error = Some(msg.to_string());
         self.pools[p].kill_proc(pid);
@@ -203,6 +204,9 @@ impl Inner {
         }
         let delay = sl.backoff.exited(lived);
         let restarts = sl.backoff.restarts;
+        if !self.retiring {
+            crate::metrics::handler_restart(p, crate::metrics::HandlerRestart::Exited);
+        }
         log::warn!(
             "handler {}[{pid}] (slot {slot}) {status} after {:.1}s; starting it again in {:.1}s (restart {restarts})",
             pool.name,
@@ -224,6 +228,7 @@ impl Inner {
     /// kill it.
     pub(super) fn crashed(&mut self, h: &Handlers, p: usize, pid: i32, what: &str) {
         log::error!("handler {}[{pid}] {what}: killing it", self.pools[p].name);
+        crate::metrics::handler_restart(p, crate::metrics::HandlerRestart::HungUp);
         if self.pools[p].procs.get(&pid).is_some_and(|c| c.state == PState::Warming) {
             self.note_start_failure(h, p, what);
         }
@@ -237,6 +242,7 @@ impl Inner {
     pub(super) fn protocol_error(&mut self, h: &Handlers, p: usize, pid: i32, what: &str) -> bool {
         let pool = &mut self.pools[p];
         log::error!("handler {}[{pid}] {what}: protocol error, killing it", pool.name);
+        crate::metrics::handler_restart(p, crate::metrics::HandlerRestart::ProtocolError);
         pool.fail_proc(pid, ErrorCode::HandlerFailed, &format!("broke the protocol ({what})"));
         let warming = pool.procs.get(&pid).is_some_and(|c| c.state == PState::Warming);
         if warming {
@@ -258,19 +264,20 @@ impl Inner {
         let mut recycle = None;
         if c.state == PState::Ready && pool.slots[c.slot].current == Some(pid) && pool.slots[c.slot].outgoing.is_none() {
             if c.limit.is_some_and(|l| c.served >= l) {
-                recycle = Some(format!("served {} calls (max_requests)", c.served));
+                recycle = Some((format!("served {} calls (max_requests)", c.served), crate::metrics::HandlerRestart::MaxRequests));
             } else if pool.cfg.max_rss_mb > 0 && now.duration_since(c.rss_checked) >= RSS_EVERY {
                 c.rss_checked = now;
                 if let Some(rss) = process::rss_bytes(pid) {
                     if rss > pool.cfg.max_rss_mb * 1024 * 1024 {
-                        recycle = Some(format!("RSS {} MiB is over max_rss_mb = {}", rss / (1024 * 1024), pool.cfg.max_rss_mb));
+                        recycle = Some((format!("RSS {} MiB is over max_rss_mb = {}", rss / (1024 * 1024), pool.cfg.max_rss_mb), crate::metrics::HandlerRestart::MaxRss));
                     }
                 }
             }
         }
-        if let Some(why) = recycle {
+        if let Some((why, reason)) = recycle {
             let slot = c.slot;
             log::info!("handler {}[{pid}] {why}: starting its replacement", pool.name);
+            crate::metrics::handler_restart(p, reason);
             pool.slots[slot].outgoing = Some(pid);
             pool.slots[slot].current = None;
             self.start_slot(h, p, slot);

@@ -6,6 +6,7 @@
 //! live in [`crate::pool`].
 
 mod conns;
+mod observe;
 mod reload;
 mod stop;
 mod upgrade;
@@ -132,6 +133,12 @@ pub struct Master {
     upgrade: upgrade::UpgradeInfo,
     /// An upgrade's exec, due once its reply is written.
     exec_pending: Option<oneshot::Receiver<()>>,
+    /// `/metrics` (SPEC §8), and the scrapes it passes to the loop (taken by `run`).
+    metrics: observe::Endpoint,
+    scrapes: Option<mpsc::UnboundedReceiver<crate::metrics::http::Scrape>>,
+    counters: observe::Counters,
+    /// Readings of the counts, for `status`'s last minute.
+    window: crate::metrics::Window,
 }
 
 /// Binds the TCP listener: SO_REUSEADDR, a real backlog.
@@ -291,7 +298,8 @@ impl Master {
         // to the master (not to init), which kills and reaps them.
         // SAFETY: prctl with constant arguments.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-        let m = Master {
+        let (metrics, scrapes) = observe::Endpoint::new();
+        let mut m = Master {
             config_path,
             in_process,
             start_failure: None,
@@ -309,7 +317,7 @@ impl Master {
             events: ev_tx,
             acl: acl_tx,
             zk,
-            zk_status: registry::Status { state: zk_state, node: None },
+            zk_status: registry::Status { state: zk_state, node: None, event: None },
             watchdog,
             last_status: String::new(),
             exit_code: None,
@@ -322,7 +330,12 @@ impl Master {
             ctl_fd,
             upgrade: Default::default(),
             exec_pending: None,
+            metrics,
+            scrapes: Some(scrapes),
+            counters: Default::default(),
+            window: Default::default(),
         };
+        m.apply_metrics_listen();
         Ok((m, ev_rx, ctl_rx, zk_rx))
     }
 
@@ -346,6 +359,7 @@ impl Master {
         };
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut scrapes = self.scrapes.take().expect("run once");
         self.advance();
         while self.exit_code.is_none() {
             tokio::select! {
@@ -356,6 +370,7 @@ impl Master {
                 Some((pid, msg)) = events.recv() => self.on_worker_msg(pid, msg),
                 Some(req) = ctl.recv() => self.on_control(req),
                 Some(st) = zk.recv() => self.on_zk(st),
+                Some(s) = scrapes.recv() => self.on_scrape(s),
                 _ = tick.tick() => self.on_tick(),
             }
             self.advance();
@@ -434,6 +449,8 @@ impl Master {
         };
         let slot = &mut gen.slots[w.slot];
         let delay = slot.backoff.exited(w.spawned.elapsed());
+        let restarts = slot.backoff.restarts;
+        *self.counters.worker_restarts.entry(crate::metrics::worker_reason(&r.status, w.killed_for)).or_default() += 1;
         slot.respawn_at = Some(Instant::now() + delay);
         log::warn!(
             "worker {} (slot {}) {} after {:.1}s; respawning in {:.1}s (restart {})",
@@ -442,7 +459,7 @@ impl Master {
             r.status,
             w.spawned.elapsed().as_secs_f64(),
             delay.as_secs_f64(),
-            slot.backoff.restarts
+            restarts
         );
     }
 
@@ -555,6 +572,9 @@ impl Master {
     }
 
     fn on_zk(&mut self, st: registry::Status) {
+        if let Some(e) = st.event {
+            *self.counters.zk_events.entry(e).or_default() += 1;
+        }
         if st.state != self.zk_status.state || st.node != self.zk_status.node {
             log::debug!("zookeeper state: {:?} {}", st.state, st.node.as_deref().unwrap_or(""));
         }
@@ -599,17 +619,21 @@ impl Master {
         for w in self.pool.workers.values() {
             match w.state {
                 WState::Serving if now.duration_since(w.last_seen) > hb_timeout => {
-                    kill.push((w.pid, format!("no heartbeat for {:.1}s", now.duration_since(w.last_seen).as_secs_f64())))
+                    kill.push((w.pid, "heartbeat", format!("no heartbeat for {:.1}s", now.duration_since(w.last_seen).as_secs_f64())))
                 }
                 WState::Starting if now.duration_since(w.spawned) > ready_timeout => {
-                    kill.push((w.pid, format!("not accepting within {}s", ready_timeout.as_secs())))
+                    kill.push((w.pid, "not_ready", format!("not accepting within {}s", ready_timeout.as_secs())))
                 }
                 _ => {}
             }
         }
-        for (pid, why) in kill {
+        for (pid, reason, why) in kill {
+            if let Some(w) = self.pool.workers.get_mut(&pid) {
+                w.killed_for = Some(reason);
+            }
             self.pool.kill_now(pid, &why);
         }
+        self.sample_window(now);
         if let Some((every, next)) = self.watchdog {
             if now >= next {
                 if self.healthy() {
@@ -846,6 +870,8 @@ impl Master {
             "zookeeper": {"state": self.zk_status.state, "node": self.zk_status.node},
             "workers": workers,
             "backoff": backoff,
+            "methods": self.methods_json(),
+            "metrics": self.metrics.running.as_ref().map(|(a, _)| format!("http://{a}/metrics")),
         })
     }
 

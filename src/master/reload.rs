@@ -46,6 +46,14 @@ impl Master {
 
     /// Starts a reload; Err(why) if it was refused at once.
     pub(super) fn start_reload(&mut self, responders: Vec<Responder>) -> Result<(), String> {
+        let r = self.begin_reload(responders);
+        if r.is_err() {
+            self.counters.reloads_failed += 1;
+        }
+        r
+    }
+
+    fn begin_reload(&mut self, responders: Vec<Responder>) -> Result<(), String> {
         let fail = |responders: Vec<Responder>, msg: String| {
             log::error!("reload failed: {msg}; still serving the running configuration");
             for r in responders {
@@ -152,6 +160,7 @@ impl Master {
                 if let Some(zk) = &self.zk {
                     zk.reconfigure(&self.cur.cfg.zookeeper, self.zk_payload());
                 }
+                self.apply_metrics_listen();
                 log::info!("reload: generation {new_id} is accepting; retiring {:?}", self.reload.as_ref().unwrap().old_pids);
             } else if Instant::now() > op.deadline {
                 let msg = format!("generation {} was not accepting within {}s", next.id, next.cfg.server.ready_timeout_secs);
@@ -163,6 +172,11 @@ impl Master {
             return;
         }
         let op = self.reload.take().unwrap();
+        if op.failed.is_some() {
+            self.counters.reloads_failed += 1;
+        } else {
+            self.counters.reloads_ok += 1;
+        }
         if let Some(msg) = op.failed {
             if self.upgrade.reloading {
                 self.upgrade.reloading = false;

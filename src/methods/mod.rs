@@ -267,6 +267,8 @@ pub(crate) struct Entry {
     /// one fixed-size move instead of a `memcpy` call).
     short_prefix: Option<[u8; PREFIX_COPY]>,
     pub kind: Kind,
+    /// Where it is counted (`crate::metrics`): entry i is metric i + 1 (0 is `other`).
+    pub metric: u16,
 }
 
 const PREFIX_COPY: usize = 32;
@@ -322,7 +324,8 @@ impl Table {
         });
         self.names.push(name.into());
         self.keys.push(name_key(name.as_bytes()));
-        self.entries.push(Entry { prefix, short_prefix, kind });
+        let metric = (self.entries.len() + 1).try_into().unwrap_or(0);
+        self.entries.push(Entry { prefix, short_prefix, kind, metric });
         if self.entries.len() * 2 > self.slots.len() {
             self.slots = vec![EMPTY; self.slots.len() * 2];
             for i in 0..self.entries.len() {
@@ -373,11 +376,22 @@ impl Table {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.names.iter().map(|n| &**n)
     }
+
+    /// Only the first `n` methods are counted by name (the stats had room
+    /// for no more): the rest count as `other`.
+    pub fn count_first(&mut self, n: usize) {
+        for (i, e) in self.entries.iter_mut().enumerate() {
+            if i >= n {
+                e.metric = 0;
+            }
+        }
+    }
 }
 
 /// Answers a call to an entry that answers at once: one frame onto `out`.
+/// Returns the reply's code index (`crate::metrics::CODES`).
 #[inline]
-pub(crate) fn answer_now(entry: &Entry, f: &RawFn, params: &str, id: Option<&str>, out: &mut Vec<u8>) {
+pub(crate) fn answer_now(entry: &Entry, f: &RawFn, params: &str, id: Option<&str>, out: &mut Vec<u8>) -> u8 {
     let start = out.len();
     match &entry.short_prefix {
         Some(p) => {
@@ -405,10 +419,12 @@ pub(crate) fn answer_now(entry: &Entry, f: &RawFn, params: &str, id: Option<&str
             out.push(b'}');
             let len = (out.len() - start - 4) as u32;
             out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+            crate::metrics::OK
         }
         Err(e) => {
             out.truncate(start);
             protocol::error_frame_code(out, &e.code, &e.message, id);
+            crate::metrics::code_index(&e.code)
         }
     }
 }
