@@ -552,8 +552,9 @@ const RAW_POOL: &str = "[handlers.raw]\nexec = [\"/usr/bin/python3\", \"{dir}/ra
 // ---------- the tests ----------
 
 /// Exact counts under load, through Prometheus: pings on plain and
-/// pipelined connections, unknown methods, bad JSON, a declared method and
-/// a handler's own error code; the histogram, the gauges, build info.
+/// pipelined connections, unknown methods, bad JSON, a declared method, a
+/// handler's own error code, a frame too large; the histogram, the gauges,
+/// build info.
 #[test]
 fn prometheus_sees_exact_counts_under_load() {
     let _one = alone();
@@ -581,6 +582,13 @@ fn prometheus_sees_exact_counts_under_load() {
     let threads: Vec<_> = plans.into_iter().enumerate().map(|(i, (plan, depth))| std::thread::spawn(move || drive(connect(port), i, &plan, depth))).collect();
     // The connections stay open until the gauge has been seen.
     let held: Vec<TcpStream> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    // A fifth: one frame over max_frame_bytes (1 MiB), then the close.
+    let mut big = connect(port);
+    big.write_all(&(2u32 << 20).to_le_bytes()).unwrap();
+    big.write_all(b"{\"in\": \"ping\"").unwrap();
+    let v = read_frame(&mut big).expect("a reply to the frame over the limit");
+    assert_eq!(v["result"]["code"], "too_large", "{v}");
+    assert!(closed_by_peer(&mut big, Duration::from_secs(10)), "closed after too_large");
 
     let want = |q: &str, v: usize| (q.to_string(), v as f64);
     let mut failures = prom.exact_all(&[
@@ -589,12 +597,13 @@ fn prometheus_sees_exact_counts_under_load() {
         want("rpcd_requests_total{method=\"other\",code=\"bad_json\"}", k),
         want("rpcd_requests_total{method=\"echo\",code=\"ok\"}", e),
         want("rpcd_requests_total{method=\"error\",code=\"other\"}", r),
+        want("rpcd_requests_total{method=\"other\",code=\"too_large\"}", 1),
         // Nothing counted anywhere else.
-        want("sum(rpcd_requests_total)", N + m + k + e + r),
+        want("sum(rpcd_requests_total)", N + m + k + e + r + 1),
         want("rpcd_request_duration_seconds_count{method=\"ping\"}", N),
         want("rpcd_request_duration_seconds_bucket{method=\"ping\",le=\"+Inf\"}", N),
         want("rpcd_request_duration_seconds_count{method=\"echo\"}", e),
-        want("rpcd_connections_accepted_total", 4),
+        want("rpcd_connections_accepted_total", 5),
         want("rpcd_up", 1),
         want(&format!("rpcd_build_info{{version=\"{VERSION}\"}}"), 1),
         want("rpcd_workers{state=\"serving\"}", 2),
@@ -634,7 +643,7 @@ fn prometheus_sees_exact_counts_under_load() {
         }
     }
     assert!(failures.is_empty(), "{} failed:\n{}\nexposition now:\n{}", failures.len(), failures.join("\n"), scrape(mport).unwrap_or_else(|e| e));
-    eprintln!("metrics: pings {N}, unknown {m}, bad_json {k}, echo {e}, handler errors {r}, 4 connections; ping mean latency {:.1} µs", mean.unwrap() * 1e6);
+    eprintln!("metrics: pings {N}, unknown {m}, bad_json {k}, echo {e}, handler errors {r}, too_large 1, 5 connections; ping mean latency {:.1} µs", mean.unwrap() * 1e6);
 }
 
 /// The exposition as served: status, content type, `# EOF`, HEAD; every
