@@ -961,6 +961,17 @@ fn counters_are_monotonic_and_exact_across_reload_and_worker_kill() {
         checks.push((format!("rpcd_requests_total{{method=\"other\",code=\"{code}\"}}"), *n as f64));
     }
     let mut failures = prom.exact_all(&checks);
+    // The clients are gone: no open connection is left over from the killed
+    // worker's slot or the old generation (a gauge: it comes down).
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut open = prom.value("rpcd_connections");
+    while open != Some(0.0) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(200));
+        open = prom.value("rpcd_connections");
+    }
+    if open != Some(0.0) {
+        failures.push(format!("rpcd_connections: {open:?} 20 s after every client went"));
+    }
     let direct = scrape(mport).and_then(|t| series(&t)).expect("a last scrape");
     if pings_counted(&direct) != ok as f64 || pings_counted(&after) > ok as f64 {
         failures.push(format!("the last scrape counts {} pings, {} answered", pings_counted(&direct), ok));
