@@ -182,3 +182,29 @@ fn bad_scrapes_get_errors_and_the_endpoint_serves_on() {
         assert!(out.is_empty() || out.starts_with("HTTP/1.1 408 "), "{out}");
     }
 }
+
+/// One series' value in a plain scrape of `/metrics`.
+fn series(port: u16, name: &str) -> Option<f64> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").ok()?;
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut s, &mut out).ok()?;
+    out.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' ')).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn zookeeper_registration_and_session_events_are_counted() {
+    let mut z = ZkServer::start();
+    let mport = free_port();
+    let zk = format!("enabled = true\nhosts = \"{}\"\nroot = \"/obs\"\nsession_timeout_ms = 4000\n", z.hosts());
+    let _d = Daemon::start(Opts { zookeeper: Some(zk), extra: format!("[metrics]\nlisten = \"127.0.0.1:{mport}\"\n"), ..Default::default() });
+    wait_for("registered", Duration::from_secs(20), || (series(mport, "rpcd_zookeeper_registered") == Some(1.0)).then_some(()));
+    assert_eq!(series(mport, "rpcd_zookeeper_session_events_total{event=\"connected\"}"), Some(1.0));
+    // ZooKeeper goes away: the session is disconnected, and no longer registered.
+    z.stop();
+    wait_for("disconnected", Duration::from_secs(20), || {
+        (series(mport, "rpcd_zookeeper_session_events_total{event=\"disconnected\"}") == Some(1.0)).then_some(())
+    });
+    assert_eq!(series(mport, "rpcd_zookeeper_registered"), Some(0.0));
+}
