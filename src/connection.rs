@@ -93,12 +93,13 @@ pub struct Tally {
     pub metric: u16,
     pub code: u8,
     pub n: u32,
-    pub arrival: Instant,
+    /// `metrics::now_ns()` when its request arrived.
+    pub arrival: u64,
 }
 
 /// Adds one request to the batch's tally.
 #[inline(always)]
-fn note(tally: &mut Vec<Tally>, metric: u16, code: u8, arrival: Instant) {
+fn note(tally: &mut Vec<Tally>, metric: u16, code: u8, arrival: u64) {
     if let Some(t) = tally.last_mut() {
         if t.metric == metric && t.code == code && t.arrival == arrival {
             t.n += 1;
@@ -237,7 +238,7 @@ fn process(data: &[u8], out: &mut Vec<u8>, sh: &Shared, served: &mut Option<usiz
 
 /// How the batch being answered is counted: when it arrived, and its tally.
 struct Counting<'a> {
-    arrival: Instant,
+    arrival: u64,
     tally: &'a mut Vec<Tally>,
 }
 
@@ -374,7 +375,7 @@ fn answer(
     served: &mut Option<usize>,
     need: &mut usize,
     replies: &mut Option<Rc<Replies>>,
-    now: &mut Instant,
+    now: &mut u64,
 ) -> Answered {
     let mut out = sh.obuf.borrow_mut();
     out.clear();
@@ -416,7 +417,7 @@ fn answer(
         }
     };
     if !tally.is_empty() {
-        *now = Instant::now();
+        *now = metrics::now_ns();
         count(sh, stream, &mut tally, *now);
     }
     if out.capacity() > 1 << 20 {
@@ -427,9 +428,9 @@ fn answer(
 
 /// Counts a written batch (and logs its slow requests).
 #[inline]
-fn count(sh: &Shared, stream: &TcpStream, tally: &mut Vec<Tally>, written: Instant) {
+fn count(sh: &Shared, stream: &TcpStream, tally: &mut Vec<Tally>, written: u64) {
     for t in tally.drain(..) {
-        let ns = written.saturating_duration_since(t.arrival).as_nanos() as u64;
+        let ns = written.saturating_sub(t.arrival);
         if let Some(r) = &sh.stats {
             r.record(t.metric, t.code, t.n as u64, ns);
         }
@@ -492,6 +493,10 @@ async fn connection(mut stream: TcpStream, sh: &Shared, leftover: Vec<u8>) {
     // One timer per connection, re-armed only when it fires early. Once
     // polled it wakes this task when due, so it is polled again only then.
     let mut idle_after = sh.idle_timeout;
+    // When it was last active, as `metrics::now_ns()` (a cheaper clock read
+    // than `Instant::now()` on every batch); `last_active` is the same as an
+    // Instant, brought up to date where it is used (timers, the drain).
+    let mut active_ns = metrics::now_ns();
     let mut last_active = Instant::now();
     let mut idle = idle_after.map(|d| Box::pin(tokio::time::sleep_until(last_active + d)));
     let mut idle_armed = false;
@@ -538,6 +543,7 @@ async fn connection(mut stream: TcpStream, sh: &Shared, leftover: Vec<u8>) {
                 continue;
             }
             Event::IdleTimer => {
+                last_active = instant_of(active_ns);
                 let due = close_due(last_active, idle_after, close_by, &pending, sh);
                 let now = Instant::now();
                 if now >= due {
@@ -547,6 +553,7 @@ async fn connection(mut stream: TcpStream, sh: &Shared, leftover: Vec<u8>) {
                     }
                     // Waiting for replies is not being idle.
                     last_active = now;
+                    active_ns = metrics::now_ns();
                 }
                 if let Some(t) = idle.as_mut() {
                     t.as_mut().reset(close_due(last_active, idle_after, close_by, &pending, sh));
@@ -605,6 +612,7 @@ async fn connection(mut stream: TcpStream, sh: &Shared, leftover: Vec<u8>) {
                 let quiet = if received { DRAIN_QUIET } else { FIRST_REQUEST_GRACE };
                 idle_after = Some(idle_after.map_or(quiet, |d| d.min(quiet)));
                 last_active = Instant::now();
+                active_ns = metrics::now_ns();
                 close_by = Some(last_active + DRAIN_LINGER);
                 let at = close_due(last_active, idle_after, close_by, &pending, sh);
                 match idle.as_mut() {
@@ -616,7 +624,7 @@ async fn connection(mut stream: TcpStream, sh: &Shared, leftover: Vec<u8>) {
             }
         };
         // When this batch arrived (and, once answered, was written).
-        let mut now = Instant::now();
+        let mut now = metrics::now_ns();
         let answered = answer(&stream, sh, &mut pending, fresh, &mut served, &mut need, &mut replies, &mut now);
         let close = match answered {
             Answered::Written { close } => close,
@@ -647,17 +655,21 @@ async fn connection(mut stream: TcpStream, sh: &Shared, leftover: Vec<u8>) {
             let _ = stream.shutdown().await;
             return end(&replies);
         }
-        if idle.is_some() {
-            last_active = now;
-        }
+        active_ns = now;
         if draining {
             // What is partly received may have changed the close's due time.
+            last_active = instant_of(active_ns);
             if let Some(t) = idle.as_mut() {
                 t.as_mut().reset(close_due(last_active, idle_after, close_by, &pending, sh));
                 idle_armed = false;
             }
         }
     }
+}
+
+/// The Instant of a `metrics::now_ns()` reading (both are CLOCK_MONOTONIC).
+fn instant_of(ns: u64) -> Instant {
+    Instant::now() - Duration::from_nanos(metrics::now_ns().saturating_sub(ns))
 }
 
 /// When a quiet connection closes: after its idle timeout; while draining,

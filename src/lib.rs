@@ -20,6 +20,8 @@
 
 pub mod balance;
 pub mod client;
+#[doc(hidden)]
+pub mod completions;
 pub mod config;
 pub mod connection;
 pub mod control;
@@ -59,13 +61,26 @@ struct Args {
     /// Validate the configuration, print the error if any, and exit (0 = valid, 1 = invalid).
     #[arg(short = 't', long)]
     check_config: bool,
-    /// Internal: run as a worker process spawned by the master.
-    #[arg(long, hide = true)]
-    worker: bool,
+    /// Print the shell completion script for SHELL and exit (reads no configuration).
+    #[arg(long, value_name = "SHELL", value_enum, exclusive = true)]
+    completions: Option<completions::Shell>,
+}
+
+/// The command line that `rpcd` parses: [`Args`] and the master's internal
+/// `--worker`, hidden from `--help`. The completion scripts are made from
+/// [`Args`] alone, as clap_complete offers hidden options too.
+fn command(name: &'static str) -> clap::Command {
+    let worker = clap::Arg::new("worker")
+        .long("worker")
+        .hide(true)
+        .action(clap::ArgAction::SetTrue)
+        .help("Internal: run as a worker process spawned by the master.");
+    Args::command().name(name).bin_name(name).arg(worker)
 }
 
 /// Runs the daemon with `methods` in-process: `rpcd [--config PATH]
-/// [--check-config]`, exactly as the `rpcd` binary (which is
+/// [--check-config]` (or `--completions SHELL`: the shell completion
+/// script, under this binary's name), exactly as the `rpcd` binary (which is
 /// `rpcd::main(Methods::new())`). Workers are this same binary run with
 /// `--worker`, so they serve `methods` too. Never returns.
 pub fn main(methods: Methods) -> ! {
@@ -78,9 +93,12 @@ pub fn main(methods: Methods) -> ! {
         .filter(|n| !n.is_empty() && !n.starts_with("rpcd:"))
         .unwrap_or_else(|| "rpcd".into());
     let name: &'static str = Box::leak(name.into_boxed_str());
-    let matches = Args::command().name(name).bin_name(name).get_matches();
+    let matches = command(name).get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    if args.worker {
+    if let Some(shell) = args.completions {
+        completions::print_and_exit(shell, &mut Args::command().name(name).bin_name(name), name);
+    }
+    if matches.get_flag("worker") {
         worker::run(methods);
     }
     let in_process = methods.in_process();

@@ -98,8 +98,14 @@ pub fn needs(cfg: &Config) -> (u64, u64) {
     let conns = cfg.server.max_connections as u64;
     let worker = conns + WORKER_OWN + PER_HANDLER_PROCESS * cfg.handler_processes() as u64;
     // A restart hands every connection to the master before it exits.
-    let master = workers * conns + MASTER_OWN + PER_WORKER * workers;
+    let master = workers * conns + master_own(cfg) + PER_WORKER * workers;
     (master, worker)
+}
+
+/// The master's own descriptors: [`MASTER_OWN`], and the `/metrics`
+/// listener with its most clients when it is on.
+fn master_own(cfg: &Config) -> u64 {
+    MASTER_OWN + if cfg.metrics.addr().is_some() { crate::metrics::http::MAX_CLIENTS as u64 + 1 } else { 0 }
 }
 
 /// A warning when `cfg` may need more descriptors than `limit` (the soft
@@ -111,7 +117,7 @@ pub fn check(cfg: &Config, limit: u64) -> Option<String> {
     }
     let workers = cfg.server.workers.resolve() as u64;
     let conns = cfg.server.max_connections as u64;
-    let fits = limit.saturating_sub(MASTER_OWN + PER_WORKER * workers) / workers.max(1);
+    let fits = limit.saturating_sub(master_own(cfg) + PER_WORKER * workers) / workers.max(1);
     let worker_note = if worker > limit { format!("; each worker alone needs {worker}") } else { String::new() };
     Some(format!(
         "server.workers x server.max_connections = {workers} x {conns} = {} connections, plus {} descriptors for rpcd itself, \

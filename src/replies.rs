@@ -15,7 +15,6 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::task::Waker;
-use tokio::time::Instant;
 
 /// What a reply is counted as once written (`crate::metrics`): its method's
 /// metric index, its code's, and when its request arrived.
@@ -23,7 +22,8 @@ use tokio::time::Instant;
 pub struct Meta {
     pub metric: u16,
     pub code: u8,
-    pub arrival: Instant,
+    /// `crate::metrics::now_ns()` at its arrival.
+    pub arrival: u64,
 }
 
 type Slot = (Option<Vec<u8>>, Meta);
@@ -222,7 +222,7 @@ mod tests {
     use super::*;
 
     fn m(metric: u16) -> Meta {
-        Meta { metric, code: 0, arrival: Instant::now() }
+        Meta { metric, code: 0, arrival: 0 }
     }
 
     fn frames(mut b: &[u8]) -> Vec<String> {

@@ -618,14 +618,35 @@ fn python_example_is_complete() {
     assert!(toml.contains("/usr/share/rpcd"), "examples/python/rpcd.toml does not put /usr/share/rpcd on PYTHONPATH");
 }
 
-fn check_payload(kind: &str, root: &Path, extra: &[&str]) {
+/// Where zsh looks for vendors' completion functions: Debian's, Fedora's.
+const DEB_ZSH_COMPLETIONS: &str = "/usr/share/zsh/vendor-completions";
+const RPM_ZSH_COMPLETIONS: &str = "/usr/share/zsh/site-functions";
+
+/// The shell completions that a package ships, (path, shell, program), with
+/// zsh's in `zsh_dir`.
+fn completion_files(zsh_dir: &str) -> Vec<(String, &'static str, &'static str)> {
+    ["rpcctl", "rpcd"]
+        .into_iter()
+        .flat_map(|prog| {
+            [
+                (format!("/usr/share/bash-completion/completions/{prog}"), "bash", prog),
+                (format!("{zsh_dir}/_{prog}"), "zsh", prog),
+                (format!("/usr/share/fish/vendor_completions.d/{prog}.fish"), "fish", prog),
+            ]
+        })
+        .collect()
+}
+
+fn check_payload(kind: &str, root: &Path, extra: &[&str], zsh_dir: &str) {
     let examples = python_examples();
     assert!(examples.iter().any(|f| f == "handlers.py"), "{examples:?}");
+    let completions = completion_files(zsh_dir);
     let mut want: Vec<String> = PACKAGED
         .iter()
         .chain(extra)
         .map(|s| s.to_string())
         .chain(examples.iter().map(|f| format!("{EXAMPLES_DOC}/{f}")))
+        .chain(completions.iter().map(|(path, _, _)| path.clone()))
         .collect();
     want.sort();
     assert_eq!(files_under(root), want, "{kind}: files");
@@ -660,6 +681,19 @@ fn check_payload(kind: &str, root: &Path, extra: &[&str]) {
         let sections = String::from_utf8(Command::new("objdump").arg("-h").arg(&p).output().unwrap().stdout).unwrap();
         assert!(!sections.contains(".debug_info") && !sections.contains(".debug_line"), "{kind}: {bin} is not stripped");
     }
+    // The completions are what the packaged binaries print.
+    for (path, shell, prog) in &completions {
+        use std::os::unix::fs::PermissionsExt;
+        let p = root.join(path.trim_start_matches('/'));
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o644, "{kind}: {path} mode");
+        let (bin, args) = match *prog {
+            "rpcctl" => ("usr/bin/rpcctl", ["completions", shell]),
+            _ => ("usr/sbin/rpcd", ["--completions", shell]),
+        };
+        let out = Command::new(root.join(bin)).args(args).output().unwrap();
+        assert!(out.status.success() && out.stdout.len() > 100, "{kind}: {prog} completions {shell}: {out:?}");
+        assert!(std::fs::read(&p).unwrap() == out.stdout, "{kind}: {path} is not what {prog} prints for {shell}");
+    }
     for (page, src) in [("man8/rpcd.8.gz", "man/rpcd.8"), ("man1/rpcctl.1.gz", "man/rpcctl.1"), ("man5/rpcd.toml.5.gz", "man/rpcd.toml.5")]
     {
         let z = Command::new("zcat").arg(root.join("usr/share/man").join(page)).output().unwrap();
@@ -677,6 +711,7 @@ fn check_deb(deb: &Path, scratch: &Path) {
         ".deb",
         &root,
         &["/usr/share/doc/rpcd/changelog.Debian.gz", "/usr/share/doc/rpcd/copyright", "/usr/share/lintian/overrides/rpcd"],
+        DEB_ZSH_COMPLETIONS,
     );
     let ctl = scratch.join("deb-control");
     run("dpkg-deb -e", Command::new("dpkg-deb").arg("-e").arg(deb).arg(&ctl));
@@ -734,7 +769,7 @@ fn check_rpm(rpm: &Path, scratch: &Path) {
             .arg(rpm),
     );
     std::fs::remove_dir_all(root.join("rpmdb")).unwrap();
-    check_payload(".rpm", &root, &[]);
+    check_payload(".rpm", &root, &[], RPM_ZSH_COMPLETIONS);
 }
 
 /// Serialises the root test across concurrent test runs on one machine

@@ -108,6 +108,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print the shell completion script for SHELL (bash, zsh or fish).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: rpcd::completions::Shell,
+    },
 }
 
 fn socket_path(args: &Args) -> PathBuf {
@@ -290,6 +296,13 @@ fn upgrade(args: &Args, timeout: Duration) {
     exit(1);
 }
 
+/// `rpcctl completions SHELL`: generated from this command line itself.
+fn completions(shell: rpcd::completions::Shell) -> ! {
+    let mut cmd = <Args as clap::CommandFactory>::command();
+    let name = cmd.get_name().to_string();
+    rpcd::completions::print_and_exit(shell, &mut cmd, &name)
+}
+
 fn main() {
     // A closed stdout (`rpcctl ... | head -1`) ends rpcctl quietly, as it
     // does other command-line tools, instead of a panic on the next print.
@@ -441,5 +454,6 @@ fn main() {
                 }
             }
         }
+        Cmd::Completions { shell } => completions(*shell),
     }
 }

@@ -117,6 +117,16 @@ pub fn worker_reason(status: &str, killed_for: Option<&'static str>) -> &'static
     }
 }
 
+/// CLOCK_MONOTONIC in nanoseconds (what `Instant` reads, without its
+/// arithmetic): requests' arrival and reply times.
+#[inline]
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(ts.tv_nsec as u64)
+}
+
 /// The worker's recorder, for the code that has no [`Shared`] at hand (the
 /// handler pools). Set once, at the worker's start.
 ///
