@@ -90,8 +90,8 @@ pub struct Shared {
 /// `n` requests of a batch, answered alike.
 #[derive(Clone, Copy, Debug)]
 pub struct Tally {
-    pub metric: u16,
-    pub code: u8,
+    /// The method's metric index and the code's, as one word: `metric << 8 | code`.
+    pub key: u32,
     pub n: u32,
     /// `metrics::now_ns()` when its request arrived.
     pub arrival: u64,
@@ -100,13 +100,14 @@ pub struct Tally {
 /// Adds one request to the batch's tally.
 #[inline(always)]
 fn note(tally: &mut Vec<Tally>, metric: u16, code: u8, arrival: u64) {
+    let key = u32::from(metric) << 8 | u32::from(code);
     if let Some(t) = tally.last_mut() {
-        if t.metric == metric && t.code == code && t.arrival == arrival {
+        if t.key == key && t.arrival == arrival {
             t.n += 1;
             return;
         }
     }
-    tally.push(Tally { metric, code, n: 1, arrival });
+    tally.push(Tally { key, n: 1, arrival });
 }
 
 impl Shared {
@@ -245,7 +246,7 @@ struct Counting<'a> {
 /// A reply written at `out[start..]` at once, counted with the batch: while
 /// some reply before it is outstanding, it waits in a slot of its own
 /// instead (and is counted when that is written).
-#[inline]
+#[inline(always)]
 fn in_order(out: &mut Vec<u8>, start: usize, replies: &Option<Rc<Replies>>, metric: u16, code: u8, c: &mut Counting) {
     if let Some(r) = replies {
         if !r.is_empty() {
@@ -432,7 +433,7 @@ fn count(sh: &Shared, stream: &TcpStream, tally: &mut Vec<Tally>, written: u64) 
     for t in tally.drain(..) {
         let ns = written.saturating_sub(t.arrival);
         if let Some(r) = &sh.stats {
-            r.record(t.metric, t.code, t.n as u64, ns);
+            r.record((t.key >> 8) as u16, t.key as u8, t.n as u64, ns);
         }
         if sh.slow_ns > 0 && ns >= sh.slow_ns {
             slow(sh, stream, &t, ns);
@@ -442,7 +443,7 @@ fn count(sh: &Shared, stream: &TcpStream, tally: &mut Vec<Tally>, written: u64) 
 
 #[cold]
 fn slow(sh: &Shared, stream: &TcpStream, t: &Tally, ns: u64) {
-    let method = match t.metric {
+    let method = match t.key >> 8 {
         0 => "(other)",
         m => sh.table.names().nth(m as usize - 1).unwrap_or("(other)"),
     };
@@ -452,7 +453,7 @@ fn slow(sh: &Shared, stream: &TcpStream, t: &Tally, ns: u64) {
         "slow request: method {method} took {:.1} ms (over slow_request_ms = {}), reply {}, worker {}, peer {peer}{more}",
         ns as f64 / 1e6,
         sh.slow_ns / 1_000_000,
-        metrics::CODES[t.code as usize % metrics::NCODES],
+        metrics::CODES[(t.key & 0xff) as usize % metrics::NCODES],
         std::process::id()
     );
 }

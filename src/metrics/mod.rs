@@ -1,7 +1,7 @@
 //! Counting what the workers serve, for `/metrics` (SPEC §8), the slow log
 //! and `rpcctl status`.
 //!
-//! Each worker counts into its own [`Slot`] of a shared memfd (the [`shm`]
+//! Each worker counts into its own [`shm::Slot`] of a shared memfd (the [`shm`]
 //! module), as php-fpm's scoreboard does: plain stores into memory the
 //! master can read at any time, no message per request, nothing to flush.
 //! A worker killed by SIGKILL loses nothing it had answered, since its slot
