@@ -25,6 +25,20 @@ pub struct Config {
     pub methods: BTreeMap<String, MethodConfig>,
     /// `[handlers.NAME]`: pools of handler processes (SPEC §7).
     pub handlers: BTreeMap<String, HandlerConfig>,
+    /// What `server.tls` and `zookeeper.auth_file` name, read by
+    /// [`Config::load_secrets`] (never from the TOML text, never sent to a
+    /// worker with the config: the TLS material goes in the worker's setup).
+    #[serde(skip)]
+    pub secrets: Secrets,
+}
+
+/// The contents of the files the configuration names for security (SPEC §9).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Secrets {
+    /// The certificate chain, key and client CAs of `[server.tls]`, checked.
+    pub tls: Option<crate::tls::Material>,
+    /// The ZooKeeper credentials of `zookeeper.auth_file`, checked.
+    pub zk_auth: Option<crate::zk::Auth>,
 }
 
 impl Default for Config {
@@ -37,6 +51,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             methods: BTreeMap::from([("pi".to_string(), MethodConfig { max_terms: Some(DEFAULT_PI_MAX_TERMS), ..Default::default() })]),
             handlers: BTreeMap::new(),
+            secrets: Secrets::default(),
         }
     }
 }
@@ -67,6 +82,40 @@ pub struct ServerConfig {
     pub ready_timeout_secs: u64,
     /// A request slower than this is logged, once (0 = off).
     pub slow_request_ms: u64,
+    /// `[server.tls]`: TLS on the listen port when `cert` and `key` are set (SPEC §9).
+    pub tls: TlsConfig,
+}
+
+/// `[server.tls]` (SPEC §9).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the server's own certificate first.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `cert`.
+    pub key: Option<PathBuf>,
+    /// PEM CA certificates: when set, clients must present a certificate
+    /// signed by one of them (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+    /// A client that has not finished its handshake within this long is
+    /// disconnected.
+    pub handshake_timeout_ms: u64,
+    /// Refused handshakes logged per worker per minute; the rest are
+    /// counted and summed up in one line.
+    pub log_refusals_per_minute: u32,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig { cert: None, key: None, client_ca: None, handshake_timeout_ms: 10_000, log_refusals_per_minute: 10 }
+    }
+}
+
+impl TlsConfig {
+    /// Whether the listen port speaks TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() && self.key.is_some()
+    }
 }
 
 /// `[metrics]`: where the master serves `GET /metrics` (off when empty).
@@ -99,6 +148,7 @@ impl Default for ServerConfig {
             heartbeat_timeout_secs: 10,
             ready_timeout_secs: 30,
             slow_request_ms: 0,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -173,6 +223,9 @@ pub struct ZkConfig {
     pub max_retry_delay_ms: u64,
     /// Weight written into the node data.
     pub weight: u32,
+    /// `user:password` for ZooKeeper's digest scheme: the session
+    /// authenticates, and what rpcd creates is creator-all, world-read (SPEC §9).
+    pub auth_file: Option<PathBuf>,
 }
 
 impl Default for ZkConfig {
@@ -186,6 +239,7 @@ impl Default for ZkConfig {
             deregister_delay_ms: 1000,
             max_retry_delay_ms: 5000,
             weight: 1,
+            auth_file: None,
         }
     }
 }
@@ -480,6 +534,24 @@ impl Config {
         Config::parse_for(&text, &origin, in_process)
     }
 
+    /// Reads and checks the files that `server.tls` and
+    /// `zookeeper.auth_file` name into [`Config::secrets`]: the daemon does
+    /// this at its start, at each reload (an error fails the reload and
+    /// changes nothing) and for `--check-config`. (`rpcctl`, which reads the
+    /// config only to find the control socket, does not.)
+    pub fn load_secrets(&mut self) -> Result<(), ConfigError> {
+        let tls = match self.server.tls.enabled() {
+            true => Some(crate::tls::Material::load(&self.server.tls).map_err(ConfigError)?),
+            false => None,
+        };
+        let zk_auth = match (&self.zookeeper.auth_file, self.zookeeper.enabled) {
+            (Some(p), true) => Some(crate::zk::Auth::load(p).map_err(|e| ConfigError(format!("zookeeper.auth_file: {e}")))?),
+            _ => None,
+        };
+        self.secrets = Secrets { tls, zk_auth };
+        Ok(())
+    }
+
     /// `pi`'s limit of terms.
     pub fn pi_max_terms(&self) -> u64 {
         self.methods.get("pi").and_then(|m| m.max_terms).unwrap_or(DEFAULT_PI_MAX_TERMS)
@@ -644,6 +716,26 @@ impl Config {
         }
         if z.session_timeout_ms < 1000 {
             return Err(err("zookeeper.session_timeout_ms", "must be at least 1000".into()));
+        }
+        if z.auth_file.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err(err("zookeeper.auth_file", "must be an absolute path".into()));
+        }
+        let t = &s.tls;
+        for (key, path) in [("server.tls.cert", &t.cert), ("server.tls.key", &t.key), ("server.tls.client_ca", &t.client_ca)] {
+            if path.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err(err(key, "must be an absolute path".into()));
+            }
+        }
+        match (&t.cert, &t.key) {
+            (Some(_), None) => return Err(err("server.tls.cert", "is set without server.tls.key".into())),
+            (None, Some(_)) => return Err(err("server.tls.key", "is set without server.tls.cert".into())),
+            _ => {}
+        }
+        if t.client_ca.is_some() && !t.enabled() {
+            return Err(err("server.tls.client_ca", "needs server.tls.cert and server.tls.key".into()));
+        }
+        if t.handshake_timeout_ms == 0 {
+            return Err(err("server.tls.handshake_timeout_ms", "must be at least 1".into()));
         }
         parse_mode(&self.control.mode).map_err(|m| err("control.mode", m))?;
         if !self.control.socket.is_absolute() {

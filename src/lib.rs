@@ -39,6 +39,7 @@ pub mod protocol;
 pub mod registry;
 pub mod replies;
 pub mod sockets;
+pub mod tls;
 pub mod worker;
 pub mod zk;
 
@@ -102,7 +103,7 @@ pub fn main(methods: Methods) -> ! {
         worker::run(methods);
     }
     let in_process = methods.in_process();
-    let cfg = match config::Config::load_for(&args.config, &in_process) {
+    let cfg = match config::Config::load_for(&args.config, &in_process).and_then(|mut c| c.load_secrets().map(|()| c)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{name}: configuration error: {e}");

@@ -7,6 +7,35 @@ pub const PERSISTENT: zk::CreateOptions<'static> = zk::CreateMode::Persistent.wi
 pub const EPHEMERAL_SEQUENTIAL: zk::CreateOptions<'static> =
     zk::CreateMode::EphemeralSequential.with_acls(zk::Acls::anyone_all());
 
+/// `zookeeper.auth_file`: credentials for ZooKeeper's `digest` scheme
+/// (SPEC §9). (Stub: to be completed with the file's checks.)
+#[derive(Clone, PartialEq)]
+pub struct Auth {
+    pub user: String,
+    password: String,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "Auth {{ user: {:?}, password: <hidden> }}", self.user)
+    }
+}
+
+impl Auth {
+    /// Reads `user:password` from `path`.
+    pub fn load(path: &std::path::Path) -> Result<Auth, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let line = text.trim_end_matches(['\n', '\r']);
+        let (user, password) = line.split_once(':').ok_or_else(|| format!("{}: expected user:password", path.display()))?;
+        Ok(Auth { user: user.to_string(), password: password.to_string() })
+    }
+
+    /// The bytes of `add_auth("digest", ...)`.
+    pub fn digest(&self) -> Vec<u8> {
+        format!("{}:{}", self.user, self.password).into_bytes()
+    }
+}
+
 /// Splits `h1:2181,h2:2181/chroot` into the hosts and the chroot ("" if none).
 /// The `//` of a per-host scheme (`tcp://h1:2181`) does not start a chroot.
 pub fn split_chroot(connect: &str) -> (&str, &str) {

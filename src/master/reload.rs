@@ -61,7 +61,7 @@ impl Master {
             }
             Err(msg)
         };
-        let cfg = match Config::load_for(&self.config_path, &self.in_process) {
+        let cfg = match Config::load_for(&self.config_path, &self.in_process).and_then(|mut c| c.load_secrets().map(|()| c)) {
             Ok(c) => c,
             Err(e) => return fail(responders, e.to_string()),
         };
