@@ -1,13 +1,52 @@
 //! The RPC client used by `rpcctl call` (and tests and benchmarks): framed
-//! JSON over TCP, lazily connected and reused per server, with failover.
+//! JSON over TCP (or TLS, SPEC §9), lazily connected and reused per server,
+//! with failover.
 
 use crate::discovery::{Server, Servers};
 use bytes::{Buf, BytesMut};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+
+/// A connection's byte stream: plain TCP or TLS.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Response {
@@ -53,19 +92,34 @@ impl std::fmt::Display for CallError {
 
 /// One connection to one server.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Io,
     buf: BytesMut,
     out: Vec<u8>,
 }
 
 impl Conn {
+    /// A plain-TCP connection.
     pub async fn connect(addr: &str, timeout: Duration) -> Result<Conn, CallError> {
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Conn::connect_with(addr, timeout, None).await
+    }
+
+    /// A connection, with TLS when `tls` is given; `timeout` bounds the
+    /// connect and the handshake together. A failed handshake is a
+    /// [`CallError::Connect`]: nothing was sent.
+    pub async fn connect_with(addr: &str, timeout: Duration, tls: Option<&crate::tls::Client>) -> Result<Conn, CallError> {
+        let open = async {
+            let stream = TcpStream::connect(addr).await.map_err(|e| format!("{addr}: {e}"))?;
+            let _ = stream.set_nodelay(true);
+            match tls {
+                None => Ok(Io::Plain(stream)),
+                Some(t) => t.connect(addr, stream).await.map(|s| Io::Tls(Box::new(s))),
+            }
+        };
+        let stream = match tokio::time::timeout(timeout, open).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(CallError::Connect(format!("{addr}: {e}"))),
+            Ok(Err(e)) => return Err(CallError::Connect(e)),
             Err(_) => return Err(CallError::Connect(format!("{addr}: timed out"))),
         };
-        let _ = stream.set_nodelay(true);
         Ok(Conn { stream, buf: BytesMut::with_capacity(4096), out: Vec::with_capacity(256) })
     }
 
@@ -83,17 +137,31 @@ impl Conn {
         self.out.extend_from_slice(&(body.len() as u32).to_le_bytes());
         self.out.extend_from_slice(&body);
         self.stream.write_all(&self.out).await.map_err(|e| CallError::NotSent(e.to_string()))?;
+        self.stream.flush().await.map_err(|e| CallError::NotSent(e.to_string()))?;
         self.read_reply().await
     }
 
     /// Whether the server has closed this (idle) connection, as a draining
     /// server does: then a request must go on a fresh one.
-    pub fn is_stale(&self) -> bool {
-        let mut b = [0u8; 1];
-        match self.stream.try_read(&mut b) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
-            // EOF, an error, or bytes nobody asked for: unusable.
-            _ => true,
+    pub fn is_stale(&mut self) -> bool {
+        match &mut self.stream {
+            Io::Plain(s) => {
+                let mut b = [0u8; 1];
+                match s.try_read(&mut b) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+                    // EOF, an error, or bytes nobody asked for: unusable.
+                    _ => true,
+                }
+            }
+            Io::Tls(s) => {
+                // Records that carry no data (session tickets) are taken in
+                // and are no sign of staleness; a close_notify, an EOF or
+                // data nobody asked for are.
+                let mut b = [0u8; 1];
+                let mut rb = ReadBuf::new(&mut b);
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                !matches!(Pin::new(s.as_mut()).poll_read(&mut cx, &mut rb), Poll::Pending)
+            }
         }
     }
 
@@ -148,6 +216,13 @@ pub struct Caller {
     /// Retry calls that may have run (a connection lost after the request
     /// was sent) on another server. None: only for `ping` and `pi`.
     pub idempotent: Option<bool>,
+    /// What TLS connections trust and present (`--ca`, `--cert`, `--key`).
+    pub tls_options: crate::tls::ClientOptions,
+    /// TLS to every server (`--tls`); otherwise only to servers whose node
+    /// says `"tls": true`.
+    pub tls_always: bool,
+    /// Made from `tls_options` when first needed.
+    tls: Option<crate::tls::Client>,
 }
 
 /// What a successful call returns: the server that answered, and its reply.
@@ -171,10 +246,21 @@ impl Caller {
             connect_timeout: Duration::from_secs(1),
             attempt_timeout: None,
             idempotent: None,
+            tls_options: crate::tls::ClientOptions::default(),
+            tls_always: false,
+            tls: None,
         }
     }
 
-    fn pick(&mut self, list: &[Server]) -> Option<String> {
+    /// The TLS configuration for a server that needs one.
+    fn tls_client(&mut self) -> Result<&crate::tls::Client, String> {
+        if self.tls.is_none() {
+            self.tls = Some(crate::tls::Client::new(&self.tls_options)?);
+        }
+        Ok(self.tls.as_ref().unwrap())
+    }
+
+    fn pick(&mut self, list: &[Server]) -> Option<(String, bool)> {
         let now = Instant::now();
         self.down.retain(|_, until| *until > now);
         let up: Vec<&Server> = list.iter().filter(|s| !self.down.contains_key(&s.addr())).collect();
@@ -188,7 +274,7 @@ impl Caller {
                 self.next % up.len()
             }
         };
-        Some(up[i].addr())
+        Some((up[i].addr(), self.tls_always || up[i].tls()))
     }
 
     /// Whether a server other than `addr` is in `list` and not marked down.
@@ -216,7 +302,7 @@ impl Caller {
         let mut attempt = 0;
         while attempt < self.attempts && Instant::now() < deadline {
             let list = self.servers.current().await;
-            let Some(addr) = self.pick(&list) else {
+            let Some((addr, tls)) = self.pick(&list) else {
                 if list.is_empty() {
                     last_err = "no server registered".into();
                 }
@@ -226,12 +312,21 @@ impl Caller {
             };
             attempt += 1;
             let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-            if self.conns.get(&addr).is_some_and(Conn::is_stale) {
+            if self.conns.get_mut(&addr).is_some_and(Conn::is_stale) {
                 self.conns.remove(&addr);
             }
             let fresh = !self.conns.contains_key(&addr);
             if fresh {
-                match Conn::connect(&addr, self.connect_timeout.min(left)).await {
+                let timeout = self.connect_timeout.min(left);
+                let tls = match tls {
+                    false => None,
+                    true => match self.tls_client() {
+                        Ok(t) => Some(t.clone()),
+                        // Nothing to try elsewhere: the client's own TLS settings are wrong.
+                        Err(e) => return Err(e),
+                    },
+                };
+                match Conn::connect_with(&addr, timeout, tls.as_ref()).await {
                     Ok(c) => {
                         self.conns.insert(addr.clone(), c);
                     }

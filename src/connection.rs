@@ -21,9 +21,118 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+/// A connection's byte stream: plain TCP, or TLS over it (`crate::tls`).
+/// Each connection task is compiled for its own kind, so the plain path
+/// pays nothing for TLS.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Sized {
+    /// Whether a restart can hand it to the next instance (plain TCP: the
+    /// descriptor is the whole state). A TLS session lives in this process:
+    /// such connections are drained as for a stop.
+    const HANDS_OVER: bool;
+    /// Whether [`Transport::write_now`] may leave bytes buffered in the
+    /// process (TLS records not yet on the socket).
+    const BUFFERS: bool;
+    /// Writes what the socket takes now, without waiting. Returns how
+    /// much of `out` was taken.
+    fn write_now(&mut self, out: &[u8]) -> std::io::Result<usize>;
+    /// Whether bytes taken by `write_now` still wait to go out.
+    fn unflushed(&self) -> bool;
+    /// Appends what has already arrived (decrypted), without waiting.
+    fn take_arrived(&mut self, into: &mut Vec<u8>);
+    fn peer(&self) -> Option<std::net::SocketAddr>;
+    /// The TCP stream, for a hand-over (only when `HANDS_OVER`).
+    fn into_tcp(self) -> Option<TcpStream>;
+}
+
+impl Transport for TcpStream {
+    const HANDS_OVER: bool = true;
+    const BUFFERS: bool = false;
+
+    #[inline(always)]
+    fn write_now(&mut self, out: &[u8]) -> std::io::Result<usize> {
+        write_now(self, out)
+    }
+
+    #[inline(always)]
+    fn unflushed(&self) -> bool {
+        false
+    }
+
+    fn take_arrived(&mut self, into: &mut Vec<u8>) {
+        // Ask the socket itself: the runtime may not have seen the
+        // readiness of bytes that arrived just now.
+        let mut chunk = [0u8; 16 * 1024];
+        // (After the client's EOF, recv returns 0 at once.)
+        loop {
+            // SAFETY: recv writes at most chunk.len() bytes into chunk.
+            let n = unsafe { libc::recv(self.as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len(), libc::MSG_DONTWAIT) };
+            match n {
+                n if n > 0 => into.extend_from_slice(&chunk[..n as usize]),
+                -1 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+                _ => break,
+            }
+        }
+    }
+
+    fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.peer_addr().ok()
+    }
+
+    fn into_tcp(self) -> Option<TcpStream> {
+        Some(self)
+    }
+}
+
+impl Transport for crate::tls::Stream {
+    const HANDS_OVER: bool = false;
+    const BUFFERS: bool = true;
+
+    fn write_now(&mut self, out: &[u8]) -> std::io::Result<usize> {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut done = 0;
+        while done < out.len() {
+            match Pin::new(&mut *self).poll_write(&mut cx, &out[done..]) {
+                Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => done += n,
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => break,
+            }
+        }
+        // The records rustls has made: onto the socket, as far as it takes them.
+        if let Poll::Ready(Err(e)) = Pin::new(&mut *self).poll_flush(&mut cx) {
+            return Err(e);
+        }
+        Ok(done)
+    }
+
+    fn unflushed(&self) -> bool {
+        self.get_ref().1.wants_write()
+    }
+
+    fn take_arrived(&mut self, into: &mut Vec<u8>) {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let mut rb = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut *self).poll_read(&mut cx, &mut rb) {
+                Poll::Ready(Ok(())) if !rb.filled().is_empty() => into.extend_from_slice(rb.filled()),
+                _ => break,
+            }
+        }
+    }
+
+    fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.get_ref().0.peer_addr().ok()
+    }
+
+    fn into_tcp(self) -> Option<TcpStream> {
+        None
+    }
+}
 
 /// Size of the worker's one read buffer (and the usual reply buffer).
 pub const READ_CHUNK: usize = 64 * 1024;
@@ -80,6 +189,8 @@ pub struct Shared {
     pub seat: Option<crate::balance::Seat>,
     /// Where this worker counts (`crate::metrics`), if it has a slot.
     pub stats: Option<Recorder>,
+    /// Woken when the drain begins (for handshakes under way).
+    pub drain_begun: tokio::sync::Notify,
     /// `server.slow_request_ms` in nanoseconds (0: no slow log).
     pub slow_ns: u64,
     /// The requests answered in the batch being written, counted once it
@@ -144,6 +255,7 @@ impl Shared {
 
     pub fn begin_drain(&self) {
         self.draining.set(true);
+        self.drain_begun.notify_waiters();
         let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
         for w in wakers.into_values() {
             w.wake();
@@ -170,6 +282,30 @@ pub async fn serve(stream: TcpStream, sh: Rc<Shared>) {
 /// had sent `leftover` (part of a frame) when it was handed over.
 pub async fn serve_adopted(stream: TcpStream, sh: Rc<Shared>, leftover: Vec<u8>) {
     serve_from(stream, sh, leftover).await
+}
+
+/// Serves one accepted connection on a TLS port: the handshake (bounded by
+/// its timeout, and cut short by a drain), then the protocol inside.
+/// Counted with [`Shared::conn_opened`] already.
+pub async fn serve_tls(stream: TcpStream, tls: Rc<crate::tls::Server>, sh: Rc<Shared>) {
+    if sh.connections.get() > sh.max_connections {
+        // No session to write `overloaded` in: close before the handshake.
+        log::warn!("refused a connection: {} open", sh.connections.get() - 1);
+    } else {
+        let drain = async {
+            let begun = sh.drain_begun.notified();
+            if !sh.draining.get() {
+                begun.await;
+            }
+            // A client already in its handshake gets the time a fresh
+            // connection gets for its first request.
+            tokio::time::sleep(FIRST_REQUEST_GRACE).await;
+        };
+        if let Some(s) = tls.accept(stream, drain).await {
+            connection(s, &sh, Vec::new()).await;
+        }
+    }
+    sh.conn_closed();
 }
 
 async fn serve_from(stream: TcpStream, sh: Rc<Shared>, leftover: Vec<u8>) {
@@ -315,7 +451,7 @@ enum Event {
 /// pending (the common case: a connection then holds no buffer of its
 /// own), else onto the end of `pending`. Tokio clears the read readiness
 /// after a short read, so an idle socket costs no extra `recv`.
-fn poll_read_into(cx: &mut Context<'_>, stream: &mut TcpStream, sh: &Shared, pending: &mut Vec<u8>, need: usize) -> Poll<std::io::Result<usize>> {
+fn poll_read_into<S: Transport>(cx: &mut Context<'_>, stream: &mut S, sh: &Shared, pending: &mut Vec<u8>, need: usize) -> Poll<std::io::Result<usize>> {
     if pending.is_empty() {
         let mut rbuf = sh.rbuf.borrow_mut();
         let mut rb = ReadBuf::new(&mut rbuf[..]);
@@ -368,8 +504,8 @@ enum Answered {
 /// writes the replies (with any filled slots behind them) in one go. Holds
 /// the worker-wide buffers only while it runs (never across an await).
 #[allow(clippy::too_many_arguments)]
-fn answer(
-    stream: &TcpStream,
+fn answer<S: Transport>(
+    stream: &mut S,
     sh: &Shared,
     pending: &mut Vec<u8>,
     fresh: Option<usize>,
@@ -411,7 +547,7 @@ fn answer(
     let res = if out.is_empty() {
         Answered::Written { close }
     } else {
-        match write_now(stream, &out) {
+        match stream.write_now(&out) {
             Ok(n) if n == out.len() => Answered::Written { close },
             Ok(n) => Answered::Rest { rest: out[n..].to_vec(), close },
             Err(_) => Answered::Failed,
@@ -429,7 +565,7 @@ fn answer(
 
 /// Counts a written batch (and logs its slow requests).
 #[inline]
-fn count(sh: &Shared, stream: &TcpStream, tally: &mut Vec<Tally>, written: u64) {
+fn count<S: Transport>(sh: &Shared, stream: &S, tally: &mut Vec<Tally>, written: u64) {
     for t in tally.drain(..) {
         let ns = written.saturating_sub(t.arrival);
         if let Some(r) = &sh.stats {
@@ -442,12 +578,12 @@ fn count(sh: &Shared, stream: &TcpStream, tally: &mut Vec<Tally>, written: u64) 
 }
 
 #[cold]
-fn slow(sh: &Shared, stream: &TcpStream, t: &Tally, ns: u64) {
+fn slow<S: Transport>(sh: &Shared, stream: &S, t: &Tally, ns: u64) {
     let method = match t.key >> 8 {
         0 => "(other)",
         m => sh.table.names().nth(m as usize - 1).unwrap_or("(other)"),
     };
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+    let peer = stream.peer().map(|a| a.to_string()).unwrap_or_else(|| "?".into());
     let more = if t.n > 1 { format!(" ({} requests in one batch)", t.n) } else { String::new() };
     log::warn!(
         "slow request: method {method} took {:.1} ms (over slow_request_ms = {}), reply {}, worker {}, peer {peer}{more}",
@@ -458,7 +594,7 @@ fn slow(sh: &Shared, stream: &TcpStream, t: &Tally, ns: u64) {
     );
 }
 
-async fn connection(mut stream: TcpStream, sh: &Shared, leftover: Vec<u8>) {
+async fn connection<S: Transport>(mut stream: S, sh: &Shared, leftover: Vec<u8>) {
     // The task's waker, for the drain to wake it (a task's waker stays valid
     // for its whole life).
     let id = sh.next_conn.get();
@@ -568,27 +704,15 @@ async fn connection(mut stream: TcpStream, sh: &Shared, leftover: Vec<u8>) {
                 received = true;
                 pending.is_empty().then_some(n)
             }
-            Event::Drain if sh.handover.get() => {
+            Event::Drain if S::HANDS_OVER && sh.handover.get() => {
                 draining = true;
                 handing = true;
                 None
             }
             Event::Drain => {
                 draining = true;
-                // Take in what the kernel has already received: ask the
-                // socket itself, since the runtime may not have seen the
-                // readiness of bytes that arrived just now.
-                let mut chunk = [0u8; 16 * 1024];
-                // (After the client's EOF, recv returns 0 at once.)
-                loop {
-                    // SAFETY: recv writes at most chunk.len() bytes into chunk.
-                    let n = unsafe { libc::recv(stream.as_raw_fd(), chunk.as_mut_ptr().cast(), chunk.len(), libc::MSG_DONTWAIT) };
-                    match n {
-                        n if n > 0 => pending.extend_from_slice(&chunk[..n as usize]),
-                        -1 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
-                        _ => break,
-                    }
-                }
+                // Take in what has already been received.
+                stream.take_arrived(&mut pending);
                 // Serve every complete frame, and the one partly received.
                 let mut complete = 0usize;
                 let mut at = 0usize;
@@ -626,11 +750,23 @@ async fn connection(mut stream: TcpStream, sh: &Shared, leftover: Vec<u8>) {
         };
         // When this batch arrived (and, once answered, was written).
         let mut now = metrics::now_ns();
-        let answered = answer(&stream, sh, &mut pending, fresh, &mut served, &mut need, &mut replies, &mut now);
+        let answered = answer(&mut stream, sh, &mut pending, fresh, &mut served, &mut need, &mut replies, &mut now);
         let close = match answered {
-            Answered::Written { close } => close,
+            Answered::Written { close } if !S::BUFFERS || !stream.unflushed() => close,
+            Answered::Written { close } => {
+                match tokio::time::timeout(sh.write_timeout, stream.flush()).await {
+                    Ok(Ok(())) => {}
+                    _ => return end(&replies),
+                }
+                close
+            }
             Answered::Rest { rest, close } => {
-                match tokio::time::timeout(sh.write_timeout, stream.write_all(&rest)).await {
+                match tokio::time::timeout(sh.write_timeout, async {
+                    stream.write_all(&rest).await?;
+                    stream.flush().await
+                })
+                .await
+                {
                     Ok(Ok(())) => {}
                     _ => return end(&replies),
                 }
@@ -687,9 +823,10 @@ fn close_due(last_active: Instant, idle_after: Option<Duration>, close_by: Optio
 
 /// Passes the connection, with what its client has sent of the next frame,
 /// to the worker's list for the next instance.
-fn hand_over(stream: TcpStream, leftover: Vec<u8>, sh: &Shared, replies: &Option<Rc<Replies>>) {
+fn hand_over<S: Transport>(stream: S, leftover: Vec<u8>, sh: &Shared, replies: &Option<Rc<Replies>>) {
     end(replies);
-    match stream.into_std() {
+    let Some(tcp) = stream.into_tcp() else { return };
+    match tcp.into_std() {
         Ok(s) => {
             sh.handed.borrow_mut().push(crate::handover::Conn { fd: s.into(), leftover });
             sh.handed_ready.notify_one();

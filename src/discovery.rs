@@ -22,6 +22,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// Whether its node says it speaks TLS (`"tls": true`, SPEC §9).
+    pub fn tls(&self) -> bool {
+        self.data.get("tls").and_then(|t| t.as_bool()).unwrap_or(false)
+    }
+
     pub fn addr(&self) -> String {
         if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)

@@ -369,7 +369,7 @@ impl Pool {
         let (mut master_end, worker_end) = UnixStream::pair()?;
         let board_entry = self.board_entry();
         let stats_entry = self.stats_entry();
-        let setup = WorkerSetup { config: cfg.clone(), slot, generation, strict, board_entry, stats_entry };
+        let setup = WorkerSetup { config: cfg.clone(), slot, generation, strict, board_entry, stats_entry, tls: cfg.secrets.tls.clone() };
         let mut line = serde_json::to_vec(&setup).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let listen_fd: OwnedFd = listener.try_clone()?.into();

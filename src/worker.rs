@@ -59,6 +59,10 @@ pub struct WorkerSetup {
     /// This worker's slot in the stats (at [`crate::metrics::shm::STATS_FD`]).
     #[serde(default)]
     pub stats_entry: Option<usize>,
+    /// `[server.tls]`'s certificate, key and client CAs, as the master
+    /// read and checked them (None: plain TCP).
+    #[serde(default)]
+    pub tls: Option<crate::tls::Material>,
 }
 
 /// Entry point of `rpcd --worker`. Never returns.
@@ -190,6 +194,18 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
         }
     };
 
+    let tls = match &setup.tls {
+        Some(m) => match crate::tls::Server::new(m, &cfg.server.tls) {
+            Ok(t) => Some(Rc::new(t)),
+            Err(e) => {
+                log::error!("cannot start: {e}");
+                let _ = report.line(&format!("fail {}\n", e.replace('\n', " "))).await;
+                return 1;
+            }
+        },
+        None => None,
+    };
+
     // Handler processes first: the worker is ready when they are.
     let handlers = Handlers::new(cfg);
     tokio::task::spawn_local(maintain(handlers.clone(), sigchld));
@@ -235,6 +251,7 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
         handed_ready: tokio::sync::Notify::new(),
         seat: seat.clone(),
         stats,
+        drain_begun: tokio::sync::Notify::new(),
         slow_ns: cfg.server.slow_request_ms.saturating_mul(1_000_000),
         tally: RefCell::new(Vec::new()),
     });
@@ -281,6 +298,9 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
                     log::warn!("master gone; exiting");
                     return 1;
                 }
+                if let Some(t) = &tls {
+                    t.tick();
+                }
             }
             _ = shared.handlers.report.notified() => {
                 if !report.handlers(&shared).await {
@@ -292,7 +312,10 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
                     accept_backoff = Duration::from_millis(10);
                     let _ = stream.set_nodelay(true);
                     shared.conn_opened(false);
-                    tokio::task::spawn_local(connection::serve(stream, shared.clone()));
+                    match &tls {
+                        None => tokio::task::spawn_local(connection::serve(stream, shared.clone())),
+                        Some(t) => tokio::task::spawn_local(connection::serve_tls(stream, t.clone(), shared.clone())),
+                    };
                 }
                 Err(e) => {
                     // EMFILE/ENFILE/ENOBUFS: back off instead of spinning.

@@ -22,6 +22,37 @@ struct Args {
     cmd: Cmd,
 }
 
+/// TLS to the servers (SPEC §9).
+#[derive(clap::Args, Clone)]
+struct TlsArgs {
+    /// Use TLS with every server (without it: with the servers whose node says "tls": true).
+    #[arg(long)]
+    tls: bool,
+    /// CA certificates (PEM) to verify servers with (default: the system's).
+    #[arg(long, value_name = "PATH")]
+    ca: Option<PathBuf>,
+    /// Client certificate chain (PEM), for servers that require one (mutual TLS).
+    #[arg(long, value_name = "PATH", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "PATH", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Verify the server's certificate for this name (default: the host connected to).
+    #[arg(long, value_name = "NAME")]
+    server_name: Option<String>,
+}
+
+impl TlsArgs {
+    fn options(&self) -> rpcd::tls::ClientOptions {
+        rpcd::tls::ClientOptions { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone(), server_name: self.server_name.clone() }
+    }
+
+    /// Whether any TLS option was given.
+    fn any(&self) -> bool {
+        self.tls || self.ca.is_some() || self.cert.is_some() || self.server_name.is_some()
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Show the daemon's state and workers (exit 3 when it is not running).
@@ -95,6 +126,8 @@ enum Cmd {
         /// when the connection was lost after it was sent (ping and pi are).
         #[arg(long)]
         idempotent: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// List the servers that discovery sees in ZooKeeper.
     Servers {
@@ -107,6 +140,10 @@ enum Cmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// With any TLS option: also connect to each server (TLS where its
+        /// node says so, or with --tls), ping it, and say how that went.
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Print the shell completion script for SHELL (bash, zsh or fish).
     Completions {
@@ -164,6 +201,10 @@ fn print_status(v: &Value) {
     match v["listener"].as_str() {
         Some(origin) => println!("     Listen: {} ({origin})", v["listen"].as_str().unwrap_or("?")),
         None => println!("     Listen: {}", v["listen"].as_str().unwrap_or("?")),
+    }
+    if v["tls"]["enabled"].as_bool() == Some(true) {
+        let mtls = if v["tls"]["client_auth"].as_bool() == Some(true) { ", client certificates required" } else { "" };
+        println!("        TLS: on ({}{mtls})", v["tls"]["cert"].as_str().unwrap_or("?"));
     }
     println!(" Generation: {}", v["generation"]);
     if let Some(m) = v["metrics"].as_str() {
@@ -297,6 +338,21 @@ fn upgrade(args: &Args, timeout: Duration) {
 }
 
 /// `rpcctl completions SHELL`: generated from this command line itself.
+/// Connects to `addr` (with TLS when given) and pings it: "ok (tls)",
+/// "ok (plain)" or what failed.
+async fn probe(addr: &str, tls: Option<&rpcd::tls::Client>) -> String {
+    let how = if tls.is_some() { "tls" } else { "plain" };
+    let mut conn = match rpcd::client::Conn::connect_with(addr, Duration::from_secs(3), tls).await {
+        Ok(c) => c,
+        Err(e) => return format!("FAILED ({how}): {e}"),
+    };
+    match conn.call("ping", &json!("probe"), Duration::from_secs(3)).await {
+        Ok(r) if r.out == "pong" => format!("ok ({how})"),
+        Ok(r) => format!("FAILED ({how}): {} {}", r.out, r.result),
+        Err(e) => format!("FAILED ({how}): {e}"),
+    }
+}
+
 fn completions(shell: rpcd::completions::Shell) -> ! {
     let mut cmd = <Args as clap::CommandFactory>::command();
     let name = cmd.get_name().to_string();
@@ -363,7 +419,11 @@ fn main() {
                 println!("warning: {}", w.as_str().unwrap_or(""));
             }
         }
-        Cmd::Call { method, params, zk, root, addr, count, interval, strategy, timeout, connect_timeout, attempt_timeout, idempotent } => {
+        Cmd::Call { method, params, zk, root, addr, count, interval, strategy, timeout, connect_timeout, attempt_timeout, idempotent, tls } => {
+            if let Err(e) = rpcd::tls::Client::new(&tls.options()).map(drop).or_else(|e| if tls.any() { Err(e) } else { Ok(()) }) {
+                eprintln!("rpcctl: {e}");
+                exit(2);
+            }
             let params: Value = match params {
                 None => Value::Null,
                 Some(p) => serde_json::from_str(p).unwrap_or_else(|e| {
@@ -404,6 +464,8 @@ fn main() {
                 if *idempotent {
                     caller.idempotent = Some(true);
                 }
+                caller.tls_options = tls.options();
+                caller.tls_always = tls.tls;
                 let (mut failed, mut made) = (0u64, 0u64);
                 let stopped = || stopping.load(std::sync::atomic::Ordering::SeqCst);
                 for i in 0..*count {
@@ -438,14 +500,41 @@ fn main() {
                 exit(1);
             }
         }
-        Cmd::Servers { zk, root, json } => {
+        Cmd::Servers { zk, root, json, tls } => {
+            let client = match tls.any().then(|| rpcd::tls::Client::new(&tls.options())).transpose() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("rpcctl: {e}");
+                    exit(2);
+                }
+            };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            let list = rt.block_on(async { Servers::watch(zk, root).first(Duration::from_secs(15)).await });
+            let list = rt.block_on(async {
+                let list = Servers::watch(zk, root).first(Duration::from_secs(15)).await?;
+                let mut checks = Vec::new();
+                if let Some(c) = &client {
+                    for s in &list {
+                        checks.push(probe(&s.addr(), (tls.tls || s.tls()).then_some(c)).await);
+                    }
+                }
+                Ok::<_, String>((list, checks))
+            });
             match list {
-                Ok(list) if *json => println!("{}", serde_json::to_string(&list).unwrap_or_default()),
-                Ok(list) => {
-                    for s in list {
-                        println!("{} {} {}", s.node, s.addr(), s.data);
+                Ok((list, checks)) if *json => {
+                    let mut v = serde_json::to_value(&list).unwrap_or_default();
+                    if let Some(a) = v.as_array_mut() {
+                        for (s, c) in a.iter_mut().zip(&checks) {
+                            s["check"] = json!(c);
+                        }
+                    }
+                    println!("{v}");
+                }
+                Ok((list, checks)) => {
+                    for (i, s) in list.iter().enumerate() {
+                        match checks.get(i) {
+                            Some(c) => println!("{} {} {} {c}", s.node, s.addr(), s.data),
+                            None => println!("{} {} {}", s.node, s.addr(), s.data),
+                        }
                     }
                 }
                 Err(e) => {

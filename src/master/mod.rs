@@ -801,7 +801,7 @@ impl Master {
     fn zk_payload(&self) -> Value {
         let (host, port) = registry::advertised(&self.cur.cfg, self.cur.addr)
             .unwrap_or_else(|_| (self.cur.addr.ip().to_string(), self.cur.addr.port()));
-        json!({
+        let mut v = json!({
             "host": host,
             "port": port,
             "pid": std::process::id(),
@@ -810,7 +810,26 @@ impl Master {
             "started": self.started_unix,
             "state": "serving",
             "weight": self.cur.cfg.zookeeper.weight,
-        })
+        });
+        // SPEC §9: only when on, so that plain nodes read as before.
+        if self.cur.cfg.secrets.tls.is_some() {
+            v["tls"] = json!(true);
+        }
+        v
+    }
+
+    /// `status`'s view of `[server.tls]`: off, or on with or without
+    /// client certificates (and where the certificate was read from).
+    fn tls_json(&self) -> Value {
+        let t = &self.cur.cfg.server.tls;
+        match &self.cur.cfg.secrets.tls {
+            None => json!({"enabled": false}),
+            Some(m) => json!({
+                "enabled": true,
+                "cert": t.cert,
+                "client_auth": m.client_ca_pem.is_some(),
+            }),
+        }
     }
 
     fn status_json(&self) -> Value {
@@ -865,6 +884,7 @@ impl Master {
             "generation": self.cur.id,
             "listen": self.cur.addr.to_string(),
             "listener": self.cur.origin.as_str(),
+            "tls": self.tls_json(),
             "exe": self.exe,
             "upgrade": self.upgrade.json(),
             "zookeeper": {"state": self.zk_status.state, "node": self.zk_status.node},
