@@ -191,6 +191,10 @@ pub struct Shared {
     pub stats: Option<Recorder>,
     /// Woken when the drain begins (for handshakes under way).
     pub drain_begun: tokio::sync::Notify,
+    /// A hand-over drain (reload, restart) leaves sessions that cannot be
+    /// handed over (TLS) serving as before, until this is set near the
+    /// graceful timeout: then they drain as for a stop.
+    pub sessions_drain: Cell<bool>,
     /// `server.slow_request_ms` in nanoseconds (0: no slow log).
     pub slow_ns: u64,
     /// The requests answered in the batch being written, counted once it
@@ -256,9 +260,19 @@ impl Shared {
     pub fn begin_drain(&self) {
         self.draining.set(true);
         self.drain_begun.notify_waiters();
-        let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
-        for w in wakers.into_values() {
-            w.wake();
+        self.wake_all();
+    }
+
+    /// Ends the grace of the sessions a hand-over could not take (see
+    /// [`Shared::sessions_drain`]).
+    pub fn drain_sessions(&self) {
+        self.sessions_drain.set(true);
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
+        for w in self.wakers.borrow().values() {
+            w.wake_by_ref();
         }
     }
 }
@@ -639,7 +653,7 @@ async fn connection<S: Transport>(mut stream: S, sh: &Shared, leftover: Vec<u8>)
     let mut idle_armed = false;
     loop {
         let ev = poll_fn(|cx| {
-                if !draining && sh.draining.get() {
+                if !draining && sh.draining.get() && (S::HANDS_OVER || !sh.handover.get() || sh.sessions_drain.get()) {
                     return Poll::Ready(Event::Drain);
                 }
                 // Deferred replies or a half-close: the plain path skips this.

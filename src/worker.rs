@@ -41,6 +41,11 @@ pub const MASTER_PID_ENV: &str = "RPCD_MASTER_PID";
 /// connections get to write it before the worker moves on.
 const FLUSH_GRACE: Duration = Duration::from_millis(500);
 
+/// In a hand-over drain, how long before the graceful timeout the TLS
+/// sessions (which cannot be handed over) start their drain: enough for
+/// its linger (`connection::DRAIN_LINGER`) and the writes.
+const SESSIONS_DRAIN: Duration = Duration::from_secs(2);
+
 /// What the master sends a new worker, as the first line on its channel.
 #[derive(Serialize, Deserialize)]
 pub struct WorkerSetup {
@@ -252,6 +257,7 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
         seat: seat.clone(),
         stats,
         drain_begun: tokio::sync::Notify::new(),
+        sessions_drain: Cell::new(false),
         slow_ns: cfg.server.slow_request_ms.saturating_mul(1_000_000),
         tally: RefCell::new(Vec::new()),
     });
@@ -338,6 +344,12 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
         log::info!("draining {} connection(s)", shared.connections.get());
     }
     let deadline = Instant::now() + Duration::from_secs(cfg.server.graceful_timeout_secs);
+    // A hand-over cannot take TLS sessions: they go on being served by this
+    // worker, and drain as for a stop only this long before the deadline.
+    let mut sessions_at = (handover && tls.is_some()).then(|| deadline.checked_sub(SESSIONS_DRAIN).unwrap_or(deadline).max(Instant::now()));
+    if sessions_at.is_some() {
+        log::info!("TLS sessions cannot be handed over: serving them for up to {:?} more", sessions_at.unwrap().saturating_duration_since(Instant::now()));
+    }
     let mut flushing: Option<Instant> = None;
     let mut handed = 0usize;
     loop {
@@ -350,7 +362,18 @@ async fn serve(setup: WorkerSetup, chan: std::os::unix::net::UnixStream, methods
             break;
         }
         let wake_at = flushing.unwrap_or(deadline);
+        let sessions = async {
+            match sessions_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            _ = sessions => {
+                sessions_at = None;
+                log::info!("draining the TLS sessions still open: {}", shared.connections.get());
+                shared.drain_sessions();
+            }
             _ = notified => {}
             _ = tokio::time::sleep_until(wake_at) => {
                 if flushing.is_none() {
