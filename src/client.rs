@@ -68,6 +68,9 @@ impl Response {
 pub enum CallError {
     /// Could not connect: nothing was sent.
     Connect(String),
+    /// The TLS handshake failed (a certificate refused either way, a
+    /// plain-TCP port): nothing was sent, and trying again will not help.
+    Tls(String),
     /// The request could not be written whole: it did not run.
     NotSent(String),
     /// The connection failed or closed after the request was sent, before
@@ -82,6 +85,7 @@ impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         match self {
             CallError::Connect(s) => write!(f, "cannot connect: {s}"),
+            CallError::Tls(s) => write!(f, "{s}"),
             CallError::NotSent(s) => write!(f, "connection lost before the request was sent: {s}"),
             CallError::Lost(s) => write!(f, "connection lost before the reply: {s}"),
             CallError::Timeout => write!(f, "timed out"),
@@ -108,16 +112,16 @@ impl Conn {
     /// [`CallError::Connect`]: nothing was sent.
     pub async fn connect_with(addr: &str, timeout: Duration, tls: Option<&crate::tls::Client>) -> Result<Conn, CallError> {
         let open = async {
-            let stream = TcpStream::connect(addr).await.map_err(|e| format!("{addr}: {e}"))?;
+            let stream = TcpStream::connect(addr).await.map_err(|e| CallError::Connect(format!("{addr}: {e}")))?;
             let _ = stream.set_nodelay(true);
             match tls {
                 None => Ok(Io::Plain(stream)),
-                Some(t) => t.connect(addr, stream).await.map(|s| Io::Tls(Box::new(s))),
+                Some(t) => t.connect(addr, stream).await.map(|s| Io::Tls(Box::new(s))).map_err(CallError::Tls),
             }
         };
         let stream = match tokio::time::timeout(timeout, open).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(CallError::Connect(e)),
+            Ok(Err(e)) => return Err(e),
             Err(_) => return Err(CallError::Connect(format!("{addr}: timed out"))),
         };
         Ok(Conn { stream, buf: BytesMut::with_capacity(4096), out: Vec::with_capacity(256) })
@@ -333,6 +337,11 @@ impl Caller {
                     Err(e) => {
                         last_err = e.to_string();
                         self.mark_down(&addr);
+                        // A refused handshake is no passing trouble: give
+                        // up unless another server can be asked.
+                        if matches!(e, CallError::Tls(_)) && !Self::another_up(&self.down, &list, &addr) {
+                            return Err(last_err);
+                        }
                         continue;
                     }
                 }

@@ -245,7 +245,7 @@ fn config_keys() -> Vec<(String, String, Dflt)> {
     fn walk(table: &str, v: &Value, out: &mut Vec<(String, String, Dflt)>) {
         for (k, v) in v.as_object().unwrap() {
             match v {
-                Value::Object(_) if table.is_empty() || table == "methods" || table == "handlers" => {
+                Value::Object(_) if table.is_empty() || table == "methods" || table == "handlers" || (table == "server" && k == "tls") => {
                     let t = if table.is_empty() { k.clone() } else { format!("{table}.{k}") };
                     walk(&t, v, out)
                 }

@@ -520,21 +520,25 @@ fn main() {
                 Ok::<_, String>((list, checks))
             });
             match list {
-                Ok((list, checks)) if *json => {
-                    let mut v = serde_json::to_value(&list).unwrap_or_default();
-                    if let Some(a) = v.as_array_mut() {
-                        for (s, c) in a.iter_mut().zip(&checks) {
-                            s["check"] = json!(c);
+                Ok((list, checks)) => {
+                    if *json {
+                        let mut v = serde_json::to_value(&list).unwrap_or_default();
+                        if let Some(a) = v.as_array_mut() {
+                            for (s, c) in a.iter_mut().zip(&checks) {
+                                s["check"] = json!(c);
+                            }
+                        }
+                        println!("{v}");
+                    } else {
+                        for (i, s) in list.iter().enumerate() {
+                            match checks.get(i) {
+                                Some(c) => println!("{} {} {} {c}", s.node, s.addr(), s.data),
+                                None => println!("{} {} {}", s.node, s.addr(), s.data),
+                            }
                         }
                     }
-                    println!("{v}");
-                }
-                Ok((list, checks)) => {
-                    for (i, s) in list.iter().enumerate() {
-                        match checks.get(i) {
-                            Some(c) => println!("{} {} {} {c}", s.node, s.addr(), s.data),
-                            None => println!("{} {} {}", s.node, s.addr(), s.data),
-                        }
+                    if checks.iter().any(|c| c.starts_with("FAILED")) {
+                        exit(1);
                     }
                 }
                 Err(e) => {
