@@ -137,7 +137,7 @@ async fn run(hosts: String, root: String, tx: watch::Sender<Option<Vec<Server>>>
     let mut backoff = Duration::from_millis(100);
     let mut warned = HashSet::new();
     loop {
-        let client = match connect(&hosts, Duration::from_secs(10)).await {
+        let client = match connect(&hosts, Duration::from_secs(10), None).await {
             Ok(c) => c,
             Err(e) => {
                 log::debug!("discovery: {e}; retrying in {backoff:?}");

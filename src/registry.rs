@@ -7,9 +7,16 @@
 //! session and registers again, then deletes any node of ours that an old
 //! session left behind. On stop: mark the node draining, delete it, close
 //! the session, wait `deregister_delay_ms`, then report `deregistered`.
+//!
+//! With `zookeeper.auth_file` (SPEC §9) every session is opened with the
+//! digest credentials (sent again on each reconnect before anything else),
+//! and the node and the parents it creates get
+//! [`crate::zk::CREATOR_ALL_ANYONE_READ`]. A reload that changes the
+//! credentials moves the registration to a session with the new identity,
+//! like a change of hosts or root.
 
 use crate::config::{Config, ZkConfig};
-use crate::zk::{connect, join, EPHEMERAL_SEQUENTIAL, PERSISTENT};
+use crate::zk::{connect, ephemeral_sequential, join, no_auth_hint, persistent, Auth};
 use serde::Serialize;
 use serde_json::Value;
 use std::net::{SocketAddr, UdpSocket};
@@ -37,7 +44,7 @@ pub struct Status {
 
 enum Cmd {
     Publish(Value),
-    Reconfigure(ZkConfig, Value),
+    Reconfigure(ZkConfig, Option<Auth>, Value),
     Deregister,
     Detach,
 }
@@ -47,11 +54,14 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Starts the registrar. `previous`: the node a previous instance of
-    /// this daemon left for a restart; it is deleted once ours exists.
-    pub fn start(cfg: &ZkConfig, events: mpsc::UnboundedSender<Status>, previous: Option<String>) -> Handle {
+    /// Starts the registrar. `auth`: the credentials of
+    /// `zookeeper.auth_file` (`Config::secrets.zk_auth`), if any.
+    /// `previous`: the node a previous instance of this daemon left for a
+    /// restart; it is deleted once ours exists.
+    pub fn start(cfg: &ZkConfig, auth: Option<Auth>, events: mpsc::UnboundedSender<Status>, previous: Option<String>) -> Handle {
         let (tx, rx) = mpsc::unbounded_channel();
-        let r = Registrar { cfg: cfg.clone(), events, rx, payload: None, node: None, deregistering: false, detached: false, old: None, previous };
+        let r =
+            Registrar { cfg: cfg.clone(), auth, events, rx, payload: None, node: None, deregistering: false, detached: false, old: None, previous };
         tokio::spawn(r.run());
         Handle { tx }
     }
@@ -59,9 +69,10 @@ impl Handle {
     pub fn publish(&self, payload: Value) {
         let _ = self.tx.send(Cmd::Publish(payload));
     }
-    /// Applies a reloaded `[zookeeper]` section; moves the node if needed.
-    pub fn reconfigure(&self, cfg: &ZkConfig, payload: Value) {
-        let _ = self.tx.send(Cmd::Reconfigure(cfg.clone(), payload));
+    /// Applies a reloaded `[zookeeper]` section and credentials; moves the
+    /// node if needed (new place, or new identity).
+    pub fn reconfigure(&self, cfg: &ZkConfig, auth: Option<Auth>, payload: Value) {
+        let _ = self.tx.send(Cmd::Reconfigure(cfg.clone(), auth, payload));
     }
     pub fn deregister(&self) {
         let _ = self.tx.send(Cmd::Deregister);
@@ -105,6 +116,8 @@ pub fn advertised(cfg: &Config, bound: SocketAddr) -> Result<(String, u16), Stri
 
 struct Registrar {
     cfg: ZkConfig,
+    /// The digest credentials of the sessions we open (None: unauthenticated).
+    auth: Option<Auth>,
     events: mpsc::UnboundedSender<Status>,
     rx: mpsc::UnboundedReceiver<Cmd>,
     payload: Option<Value>,
@@ -156,8 +169,9 @@ impl Registrar {
         Duration::from_millis(self.cfg.session_timeout_ms)
     }
 
-    fn moves(&self, c: &ZkConfig) -> bool {
-        c.hosts != self.cfg.hosts
+    fn moves(&self, c: &ZkConfig, auth: &Option<Auth>) -> bool {
+        *auth != self.auth
+            || c.hosts != self.cfg.hosts
             || c.root != self.cfg.root
             || c.node_prefix != self.cfg.node_prefix
             || c.session_timeout_ms != self.cfg.session_timeout_ms
@@ -170,10 +184,11 @@ impl Registrar {
                 self.payload = Some(p);
                 Next::Continue
             }
-            Some(Cmd::Reconfigure(c, p)) => {
+            Some(Cmd::Reconfigure(c, a, p)) => {
                 self.payload = Some(p);
-                let moves = self.moves(&c);
+                let moves = self.moves(&c, &a);
                 self.cfg = c;
+                self.auth = a;
                 if moves {
                     Next::Move
                 } else {
@@ -238,7 +253,8 @@ impl Registrar {
             self.report(ZkState::Connecting);
             let hosts = self.cfg.hosts.clone();
             let timeout = self.timeout();
-            let connecting = async move { connect(&hosts, timeout).await };
+            let auth = self.auth.clone();
+            let connecting = async move { connect(&hosts, timeout, auth.as_ref()).await };
             tokio::pin!(connecting);
             let client = loop {
                 tokio::select! {
@@ -280,7 +296,14 @@ impl Registrar {
     async fn session(&mut self, client: zk::Client) -> End {
         let mut states = client.state_watcher();
         let t = self.timeout();
+        if let Some(a) = &self.auth {
+            log::info!("zookeeper: session {} authenticated as digest user {:?}", client.session_id(), a.user);
+        }
         self.report_event(if self.node.is_some() { ZkState::Registered } else { ZkState::Connecting }, Some("connected"));
+        // Failed attempts are retried with backoff (a NoAuth, say, lasts
+        // until an operator fixes an ACL or the credentials).
+        let mut backoff = Duration::from_millis(500);
+        let max = Duration::from_millis(self.cfg.max_retry_delay_ms.max(500));
         // Register, retrying while the session lives; commands are handled meanwhile.
         loop {
             if self.detached {
@@ -290,8 +313,9 @@ impl Registrar {
                 return self.deregister(Some(client)).await;
             }
             let (cfg, payload) = (self.cfg.clone(), self.payload.clone().expect("payload"));
+            let authed = self.auth.is_some();
             let failed = tokio::select! {
-                r = tokio::time::timeout(t, register(&client, &cfg, &payload)) => match r {
+                r = tokio::time::timeout(t, register(&client, &cfg, authed, &payload)) => match r {
                     Ok(Ok(path)) => {
                         log::info!("zookeeper: registered {path} (session {})", client.session_id());
                         self.node = Some(path);
@@ -301,6 +325,9 @@ impl Registrar {
                     Ok(Err(zk::Error::SessionExpired | zk::Error::ClientClosed)) => {
                         self.node = None;
                         return End::Lost;
+                    }
+                    Ok(Err(zk::Error::NoAuth)) => {
+                        format!("not allowed to create under {}: NoAuth{}", cfg.root, no_auth_hint(authed))
                     }
                     Ok(Err(e)) => format!("cannot register: {e}"),
                     Err(_) => "registration timed out".to_string(),
@@ -316,12 +343,13 @@ impl Registrar {
                     }
                 },
             };
-            log::warn!("zookeeper: {failed}; retrying");
+            log::warn!("zookeeper: {failed}; retrying in {:.1}s", backoff.as_secs_f64());
             if client.state().is_terminated() {
                 self.node = None;
                 return End::Lost;
             }
-            let sleep = tokio::time::sleep(Duration::from_millis(500));
+            let sleep = tokio::time::sleep(backoff);
+            backoff = (backoff * 2).min(max);
             tokio::pin!(sleep);
             loop {
                 tokio::select! {
@@ -369,9 +397,9 @@ impl Registrar {
                         self.payload = Some(p);
                         self.update(&client).await;
                     }
-                    Some(Cmd::Reconfigure(c, p)) => {
+                    Some(Cmd::Reconfigure(c, a, p)) => {
                         self.payload = Some(p);
-                        if !self.moves(&c) {
+                        if !self.moves(&c, &a) {
                             self.cfg = c;
                             self.update(&client).await;
                             continue;
@@ -379,7 +407,12 @@ impl Registrar {
                         // Register at the new place first, then leave this
                         // one: no window without a registration.
                         log::info!("zookeeper: moving registration from {} {} to {} {}", self.cfg.hosts, self.cfg.root, c.hosts, c.root);
+                        if a != self.auth {
+                            let who = |a: &Option<Auth>| a.as_ref().map_or("no credentials".to_string(), |a| format!("digest user {:?}", a.user));
+                            log::info!("zookeeper: zookeeper.auth_file changed: new session as {} (was {})", who(&a), who(&self.auth));
+                        }
                         self.cfg = c;
+                        self.auth = a;
                         self.retire_old().await;
                         self.old = Some((client, self.node.take()));
                         return End::Moved;
@@ -464,7 +497,9 @@ impl Registrar {
 /// (a create whose answer was lost, or an earlier attempt): then its data is
 /// brought up to date. Deletes nodes of this daemon that older sessions left
 /// (a restarted server restores them until they time out). Returns the path.
-async fn register(client: &zk::Client, cfg: &ZkConfig, payload: &Value) -> Result<String, zk::Error> {
+/// `authenticated`: the session has digest credentials, so what is created
+/// gets [`crate::zk::CREATOR_ALL_ANYONE_READ`].
+async fn register(client: &zk::Client, cfg: &ZkConfig, authenticated: bool, payload: &Value) -> Result<String, zk::Error> {
     // Never advertise a wildcard address: clients could not reach it.
     let host = payload.get("host").and_then(|h| h.as_str()).unwrap_or("");
     if host.is_empty() || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified()) {
@@ -472,7 +507,7 @@ async fn register(client: &zk::Client, cfg: &ZkConfig, payload: &Value) -> Resul
     }
     let data = serde_json::to_vec(payload).unwrap_or_default();
     if cfg.root != "/" {
-        client.mkdir(&cfg.root, &PERSISTENT).await?;
+        client.mkdir(&cfg.root, &persistent(authenticated)).await?;
     }
     let sid = client.session_id().0;
     let found = ours(client, cfg, payload).await?;
@@ -486,7 +521,7 @@ async fn register(client: &zk::Client, cfg: &ZkConfig, payload: &Value) -> Resul
         }
         None => {
             let prefix = join(&cfg.root, &cfg.node_prefix);
-            let (_, seq) = client.create(&prefix, &data, &EPHEMERAL_SEQUENTIAL).await?;
+            let (_, seq) = client.create(&prefix, &data, &ephemeral_sequential(authenticated)).await?;
             format!("{prefix}{seq}")
         }
     };

@@ -270,7 +270,7 @@ impl Master {
         let (zk_tx, zk_rx) = mpsc::unbounded_channel();
         let (acl_tx, acl_rx) = watch::channel(Acl::from_config(&cfg.control));
         tokio::spawn(control::serve(ctl_listener, ctl_tx, acl_rx));
-        let zk = cfg.zookeeper.enabled.then(|| registry::Handle::start(&cfg.zookeeper, zk_tx, previous_node.clone()));
+        let zk = cfg.zookeeper.enabled.then(|| registry::Handle::start(&cfg.zookeeper, cfg.secrets.zk_auth.clone(), zk_tx, previous_node.clone()));
         let zk_state = if zk.is_some() { ZkState::Connecting } else { ZkState::Disabled };
         let watchdog = notify::watchdog_interval().map(|d| (d / 2, Instant::now()));
         log::info!(

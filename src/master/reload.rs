@@ -91,6 +91,13 @@ impl Master {
         cfg.log.target = old.log.target;
         cfg.log.syslog_socket = old.log.syslog_socket.clone();
         cfg.zookeeper.enabled = old.zookeeper.enabled;
+        if cfg.zookeeper.enabled && cfg.secrets.zk_auth.is_none() && cfg.zookeeper.auth_file.is_some() {
+            // The file says enabled = false, which waits for a restart: its
+            // auth_file still applies to the running registration.
+            if let Err(e) = cfg.load_secrets() {
+                return fail(responders, e.to_string());
+            }
+        }
         if cfg.zookeeper.enabled && cfg.zookeeper.hosts.trim().is_empty() {
             cfg.zookeeper.hosts = old.zookeeper.hosts.clone();
         }
@@ -158,7 +165,7 @@ impl Master {
                     op.warnings.push(e);
                 }
                 if let Some(zk) = &self.zk {
-                    zk.reconfigure(&self.cur.cfg.zookeeper, self.zk_payload());
+                    zk.reconfigure(&self.cur.cfg.zookeeper, self.cur.cfg.secrets.zk_auth.clone(), self.zk_payload());
                 }
                 self.apply_metrics_listen();
                 log::info!("reload: generation {new_id} is accepting; retiring {:?}", self.reload.as_ref().unwrap().old_pids);
